@@ -1,0 +1,386 @@
+//! The contract every [`Store`] implementation passes: the same assertions run against
+//! SQLite here and against PostgreSQL in its own crate.
+
+use std::sync::Arc;
+
+use remixd_domain::{
+    FailCode, ImageSize, KeyLimits, NumImages, RenderingSpeed, Seed, Strength, Style, TaskId,
+    TaskInput, TaskState,
+};
+
+use crate::{CreateOutcome, Finish, KeyCap, NewKey, NewTask, Stage, Store};
+
+/// A valid input for tests.
+pub fn sample_input() -> TaskInput {
+    TaskInput {
+        prompt: "a cat".into(),
+        image_url: "http://127.0.0.1:1/base.png".into(),
+        reference_image_url: "http://127.0.0.1:1/ref.png".into(),
+        reference_mask_url: None,
+        style_image_urls: vec![],
+        rendering_speed: RenderingSpeed::Balanced,
+        style: Style::Auto,
+        expand_prompt: true,
+        image_size: ImageSize::Square,
+        num_images: NumImages::new(1).unwrap(),
+        seed: Seed::new(1).unwrap(),
+        strength: Strength::new(0.8).unwrap(),
+        negative_prompt: String::new(),
+    }
+}
+
+/// Creates an account with `credits` and one key (optionally capped); returns (account id, key id).
+pub async fn account_with_key(
+    s: &dyn Store,
+    name: &str,
+    credits: i64,
+    limits: KeyLimits,
+) -> (String, String) {
+    let acct = s
+        .create_account(&format!("acct-{name}"), name, credits, 1)
+        .await
+        .unwrap();
+    let key_id = format!(
+        "{:016x}",
+        name.bytes()
+            .fold(7u64, |h, b| h.wrapping_mul(31).wrapping_add(b as u64))
+    );
+    s.create_key(
+        NewKey {
+            id: key_id.clone(),
+            account_name: name.into(),
+            label: String::new(),
+            key_hash: vec![1; 32],
+            limits,
+        },
+        1,
+    )
+    .await
+    .unwrap();
+    (acct.id, key_id)
+}
+
+pub fn new_task(account: &str, key: &str, cost: i64, now: i64) -> NewTask {
+    NewTask {
+        id: TaskId::new(),
+        account_id: account.into(),
+        key_id: key.into(),
+        model: remixd_domain::MODEL_NAME.into(),
+        param: "{}".into(),
+        input: sample_input(),
+        callback_url: None,
+        cost,
+        now,
+    }
+}
+
+/// Runs every contract check against fresh stores made by `make`.
+pub async fn run_all<F, Fut>(make: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Arc<dyn Store>>,
+{
+    reservation_and_refund(&*make().await).await;
+    concurrent_creates_never_overdraw(make().await).await;
+    key_caps(&*make().await).await;
+    queue_claims_leases_and_reaper(&*make().await).await;
+    cross_account_reads(&*make().await).await;
+    release_and_retry_delay(&*make().await).await;
+}
+
+pub async fn reservation_and_refund(s: &dyn Store) {
+    let (acct, key) = account_with_key(s, "r", 40, KeyLimits::default()).await;
+    let t1 = new_task(&acct, &key, 18, 10);
+    assert_eq!(
+        s.create_task(t1.clone()).await.unwrap(),
+        CreateOutcome::Created { balance: 22 }
+    );
+    let t2 = new_task(&acct, &key, 18, 10);
+    assert_eq!(
+        s.create_task(t2.clone()).await.unwrap(),
+        CreateOutcome::Created { balance: 4 }
+    );
+    let t3 = new_task(&acct, &key, 18, 10);
+    assert_eq!(
+        s.create_task(t3.clone()).await.unwrap(),
+        CreateOutcome::InsufficientCredits { balance: 4 }
+    );
+    assert!(
+        s.task(&t3.id).await.unwrap().is_none(),
+        "a refused task is not stored"
+    );
+
+    // A failure refunds exactly once.
+    assert_eq!(
+        s.fail(
+            &t1.id,
+            None,
+            FailCode::BadInput,
+            "input.image_url is unreachable",
+            20
+        )
+        .await
+        .unwrap(),
+        Finish::Done { refunded: 18 }
+    );
+    assert_eq!(
+        s.fail(&t1.id, None, FailCode::BadInput, "again", 21)
+            .await
+            .unwrap(),
+        Finish::NotOwner
+    );
+    assert_eq!(s.balance(&acct).await.unwrap(), 22);
+    let rec = s.task(&t1.id).await.unwrap().unwrap();
+    assert_eq!(rec.state, TaskState::Fail);
+    assert_eq!(rec.fail_code, Some(FailCode::BadInput));
+    assert_eq!(rec.credits_consumed, 0);
+    assert_eq!(rec.complete_time, Some(20));
+
+    // Success keeps the credits.
+    s.inputs_ready(&t2.id, "nobody", 30).await.unwrap();
+    let claimed = s.claim(Stage::Fetch, "w", 30, 1000).await.unwrap().unwrap();
+    assert_eq!(claimed.id, t2.id);
+    assert!(s.inputs_ready(&t2.id, "w", 31).await.unwrap());
+    let g = s
+        .claim(Stage::Generate, "w", 40, 1000)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(g.state, TaskState::Generating);
+    assert!(s.set_progress(&t2.id, "w", 50, 41).await.unwrap());
+    assert!(
+        !s.set_progress(&t2.id, "w", 40, 42).await.unwrap(),
+        "progress never goes backwards"
+    );
+    assert_eq!(
+        s.succeed(&t2.id, "w", "{\"resultUrls\":[]}", 60)
+            .await
+            .unwrap(),
+        Finish::Done { refunded: 0 }
+    );
+    assert_eq!(
+        s.fail(&t2.id, None, FailCode::Internal, "late", 61)
+            .await
+            .unwrap(),
+        Finish::NotOwner
+    );
+    let rec = s.task(&t2.id).await.unwrap().unwrap();
+    assert_eq!(
+        (rec.state, rec.progress, rec.cost_time, rec.credits_consumed),
+        (TaskState::Success, 100, 20, 18)
+    );
+    assert_eq!(
+        s.balance(&acct).await.unwrap() + s.credits_in_tasks(&acct).await.unwrap(),
+        40
+    );
+}
+
+pub async fn concurrent_creates_never_overdraw(s: Arc<dyn Store>) {
+    let (acct, key) = account_with_key(&*s, "c", 18 * 5, KeyLimits::default()).await;
+    let mut joins = Vec::new();
+    for _ in 0..24 {
+        let s = s.clone();
+        let (acct, key) = (acct.clone(), key.clone());
+        joins.push(tokio::spawn(async move {
+            s.create_task(new_task(&acct, &key, 18, 5)).await.unwrap()
+        }));
+    }
+    let mut created = 0;
+    for j in joins {
+        if let CreateOutcome::Created { .. } = j.await.unwrap() {
+            created += 1;
+        }
+    }
+    assert_eq!(created, 5);
+    assert_eq!(s.balance(&acct).await.unwrap(), 0);
+    assert_eq!(s.credits_in_tasks(&acct).await.unwrap(), 90);
+}
+
+pub async fn key_caps(s: &dyn Store) {
+    let limits = KeyLimits {
+        hourly: Some(30),
+        daily: Some(50),
+        total: Some(60),
+    };
+    let (acct, key) = account_with_key(s, "k", 1000, limits).await;
+    let hour = 3_600_000;
+    assert!(matches!(
+        s.create_task(new_task(&acct, &key, 18, 0)).await.unwrap(),
+        CreateOutcome::Created { .. }
+    ));
+    assert_eq!(
+        s.create_task(new_task(&acct, &key, 18, 10)).await.unwrap(),
+        CreateOutcome::KeyLimit {
+            cap: KeyCap::Hourly,
+            limit: 30,
+            used: 18
+        }
+    );
+    // An hour later the hourly window is free again; the daily cap is next.
+    let t = new_task(&acct, &key, 18, hour + 1);
+    assert!(matches!(
+        s.create_task(t.clone()).await.unwrap(),
+        CreateOutcome::Created { .. }
+    ));
+    assert!(matches!(
+        s.create_task(new_task(&acct, &key, 18, 3 * hour))
+            .await
+            .unwrap(),
+        CreateOutcome::KeyLimit {
+            cap: KeyCap::Daily,
+            ..
+        }
+    ));
+    // A refunded task no longer counts against the caps.
+    s.fail(&t.id, None, FailCode::GenerationFailed, "x", 3 * hour)
+        .await
+        .unwrap();
+    assert!(matches!(
+        s.create_task(new_task(&acct, &key, 18, 3 * hour))
+            .await
+            .unwrap(),
+        CreateOutcome::Created { .. }
+    ));
+    // Days later only the total cap remains.
+    assert!(matches!(
+        s.create_task(new_task(&acct, &key, 30, 100 * hour))
+            .await
+            .unwrap(),
+        CreateOutcome::KeyLimit {
+            cap: KeyCap::Total,
+            limit: 60,
+            used: 36
+        }
+    ));
+}
+
+pub async fn queue_claims_leases_and_reaper(s: &dyn Store) {
+    let (acct, key) = account_with_key(s, "q", 1000, KeyLimits::default()).await;
+    let a = new_task(&acct, &key, 18, 1);
+    let b = new_task(&acct, &key, 18, 2);
+    s.create_task(a.clone()).await.unwrap();
+    s.create_task(b.clone()).await.unwrap();
+
+    // Oldest first; a claimed task is invisible to other claims.
+    let c1 = s
+        .claim(Stage::Fetch, "w1", 100, 200)
+        .await
+        .unwrap()
+        .unwrap();
+    let c2 = s
+        .claim(Stage::Fetch, "w2", 100, 200)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((c1.id, c2.id), (a.id, b.id));
+    assert!(s
+        .claim(Stage::Fetch, "w3", 100, 200)
+        .await
+        .unwrap()
+        .is_none());
+    assert!(
+        !s.inputs_ready(&a.id, "w2", 101).await.unwrap(),
+        "only the lease owner moves a task"
+    );
+    assert!(s.inputs_ready(&a.id, "w1", 101).await.unwrap());
+    assert_eq!(
+        s.task(&a.id).await.unwrap().unwrap().state,
+        TaskState::Queuing
+    );
+
+    // Generation: extend, then let the lease lapse and reap.
+    let g = s
+        .claim(Stage::Generate, "w1", 110, 300)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((g.id, g.attempts), (a.id, 1));
+    assert!(s.extend_lease(&a.id, "w1", 400, 200).await.unwrap());
+    assert!(!s.extend_lease(&a.id, "w2", 400, 200).await.unwrap());
+    let r = s.reap(350, 2).await.unwrap();
+    assert_eq!(
+        r.requeued,
+        vec![b.id],
+        "b's fetch lease (200) lapsed; a's (400) did not"
+    );
+    let r = s.reap(401, 2).await.unwrap();
+    assert_eq!(r.requeued, vec![a.id]);
+    assert_eq!(
+        s.task(&a.id).await.unwrap().unwrap().state,
+        TaskState::Queuing
+    );
+    assert!(
+        !s.extend_lease(&a.id, "w1", 900, 402).await.unwrap(),
+        "a reaped lease cannot be extended"
+    );
+    assert_eq!(
+        s.succeed(&a.id, "w1", "{}", 402).await.unwrap(),
+        Finish::NotOwner,
+        "nor completed"
+    );
+
+    // Second attempt dies too: with max_attempts = 2 the reaper fails and refunds it.
+    let g = s
+        .claim(Stage::Generate, "w2", 500, 600)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((g.id, g.attempts), (a.id, 2));
+    let before = s.balance(&acct).await.unwrap();
+    let r = s.reap(601, 2).await.unwrap();
+    assert_eq!(r.failed, vec![a.id]);
+    let rec = s.task(&a.id).await.unwrap().unwrap();
+    assert_eq!(
+        (rec.state, rec.fail_code, rec.credits_consumed),
+        (TaskState::Fail, Some(FailCode::Internal), 0)
+    );
+    assert_eq!(s.balance(&acct).await.unwrap(), before + 18);
+}
+
+pub async fn cross_account_reads(s: &dyn Store) {
+    let (a1, k1) = account_with_key(s, "x1", 100, KeyLimits::default()).await;
+    let (a2, _) = account_with_key(s, "x2", 100, KeyLimits::default()).await;
+    let t = new_task(&a1, &k1, 18, 1);
+    s.create_task(t.clone()).await.unwrap();
+    assert!(s.get_task(&t.id, &a1).await.unwrap().is_some());
+    assert!(s.get_task(&t.id, &a2).await.unwrap().is_none());
+    assert!(s.get_task(&TaskId::new(), &a1).await.unwrap().is_none());
+}
+
+pub async fn release_and_retry_delay(s: &dyn Store) {
+    let (acct, key) = account_with_key(s, "rel", 100, KeyLimits::default()).await;
+    let t = new_task(&acct, &key, 18, 1);
+    s.create_task(t.clone()).await.unwrap();
+    s.claim(Stage::Fetch, "w", 2, 100).await.unwrap().unwrap();
+    assert!(s.inputs_ready(&t.id, "w", 3).await.unwrap());
+    let g = s
+        .claim(Stage::Generate, "w", 4, 100)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(g.attempts, 1);
+    // Graceful shutdown: given back without spending the attempt.
+    assert!(s.release(&t.id, "w", 0, false, 5).await.unwrap());
+    let rec = s.task(&t.id).await.unwrap().unwrap();
+    assert_eq!(
+        (rec.state, rec.attempts, rec.lease_owner.as_deref()),
+        (TaskState::Queuing, 0, None)
+    );
+    // Temporarily unavailable: the attempt counts and the task waits until not_before.
+    s.claim(Stage::Generate, "w", 6, 100)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(s.release(&t.id, "w", 50, true, 7).await.unwrap());
+    assert!(s
+        .claim(Stage::Generate, "w", 49, 100)
+        .await
+        .unwrap()
+        .is_none());
+    let g = s
+        .claim(Stage::Generate, "w", 50, 100)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(g.attempts, 2);
+}

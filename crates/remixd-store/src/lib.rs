@@ -1,0 +1,295 @@
+//! remixd's persistence.
+//!
+//! [`Store`] is everything remixd keeps in its database: accounts and their credits,
+//! API keys, and the task table, which doubles as the durable work queue. Callers hold
+//! an `Arc<dyn Store>` and never see SQL; [`sqlite::SqliteStore`] is the embedded
+//! implementation, and a PostgreSQL one implements the same trait against the same
+//! contract tests.
+//!
+//! [`blobs::Blobs`] is the file side: uploads and result images, on the local disk or,
+//! later, in an S3-compatible bucket.
+//!
+//! Invariants every implementation keeps:
+//! - an account's balance never goes below zero, whatever the concurrency: credits are
+//!   reserved by a conditional update in the same transaction that inserts the task;
+//! - a task's credits are refunded at most once, in the same transaction that moves
+//!   it to `fail`; a terminal task never changes state again;
+//! - a worker changes a task only while it holds the task's lease (`lease_owner`).
+
+pub mod blobs;
+#[cfg(any(test, feature = "contract-tests"))]
+pub mod contract;
+pub mod sqlite;
+
+use async_trait::async_trait;
+use remixd_domain::{FailCode, KeyLimits, Millis, TaskId, TaskInput, TaskState};
+
+pub use blobs::{BlobError, Blobs};
+pub use sqlite::SqliteStore;
+
+/// Errors of the store. Constraint outcomes that callers act on (not enough credits,
+/// a key over its cap) are values of [`CreateOutcome`], not errors.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("migration error: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("{0} already exists")]
+    Conflict(String),
+    #[error("corrupt record: {0}")]
+    Corrupt(String),
+    #[error("unsupported database URL {0:?}")]
+    Unsupported(String),
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Account {
+    pub id: String,
+    pub name: String,
+    pub credits: i64,
+    pub create_time: Millis,
+}
+
+/// A stored key: never the key itself, only its hash.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ApiKeyRecord {
+    pub id: String,
+    pub account_id: String,
+    pub account_name: String,
+    pub label: String,
+    pub key_hash: Vec<u8>,
+    pub limits: KeyLimits,
+    pub create_time: Millis,
+    pub revoke_time: Option<Millis>,
+}
+
+impl std::fmt::Debug for ApiKeyRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiKeyRecord")
+            .field("id", &self.id)
+            .field("account", &self.account_name)
+            .field("label", &self.label)
+            .field("key_hash", &"<redacted>")
+            .field("limits", &self.limits)
+            .field("revoked", &self.revoke_time.is_some())
+            .finish()
+    }
+}
+
+/// What to store for a new key.
+#[derive(Debug, Clone)]
+pub struct NewKey {
+    pub id: String,
+    pub account_name: String,
+    pub label: String,
+    pub key_hash: Vec<u8>,
+    pub limits: KeyLimits,
+}
+
+/// A task as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskRecord {
+    pub id: TaskId,
+    pub account_id: String,
+    pub key_id: String,
+    pub model: String,
+    pub state: TaskState,
+    pub param: String,
+    pub input: TaskInput,
+    pub callback_url: Option<String>,
+    pub result_json: String,
+    pub fail_code: Option<FailCode>,
+    pub fail_msg: String,
+    pub cost: i64,
+    pub credits_consumed: i64,
+    pub progress: u8,
+    pub fetch_attempts: i64,
+    pub attempts: i64,
+    pub lease_owner: Option<String>,
+    pub lease_until: Option<Millis>,
+    pub cost_time: Millis,
+    pub create_time: Millis,
+    pub update_time: Millis,
+    pub complete_time: Option<Millis>,
+}
+
+/// A task to insert.
+#[derive(Debug, Clone)]
+pub struct NewTask {
+    pub id: TaskId,
+    pub account_id: String,
+    pub key_id: String,
+    pub model: String,
+    pub param: String,
+    pub input: TaskInput,
+    pub callback_url: Option<String>,
+    pub cost: i64,
+    pub now: Millis,
+}
+
+/// Which cap of a key was hit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyCap {
+    Hourly,
+    Daily,
+    Total,
+}
+
+impl KeyCap {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyCap::Hourly => "hourly",
+            KeyCap::Daily => "daily",
+            KeyCap::Total => "total",
+        }
+    }
+}
+
+/// The outcome of [`Store::create_task`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CreateOutcome {
+    /// Inserted; the cost is reserved. Carries the balance left.
+    Created { balance: i64 },
+    /// The account's balance is below the cost; nothing was written.
+    InsufficientCredits { balance: i64 },
+    /// The key would pass one of its caps; nothing was written.
+    KeyLimit { cap: KeyCap, limit: i64, used: i64 },
+}
+
+/// The two queue stages a worker claims from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// `waiting` tasks whose inputs need fetching; the state stays `waiting`.
+    Fetch,
+    /// `queuing` tasks; the claim moves them to `generating`.
+    Generate,
+}
+
+/// What the reaper did in one pass.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReapReport {
+    /// Tasks whose lease expired and that went back to the queue.
+    pub requeued: Vec<TaskId>,
+    /// Tasks whose lease expired with no attempts left; failed with `500` and refunded.
+    pub failed: Vec<TaskId>,
+}
+
+/// How a terminal transition went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finish {
+    /// The task moved; for a failure, `refunded` credits went back to the account.
+    Done { refunded: i64 },
+    /// The task was no longer ours (lease lost) or already terminal; nothing changed.
+    NotOwner,
+}
+
+/// Everything remixd keeps in its database.
+///
+/// Times come in as arguments (`now`), so tests control the clock and all nodes of a
+/// cluster agree on what "expired" means only through the values they pass.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Applies pending migrations.
+    async fn migrate(&self) -> Result<()>;
+    /// A cheap round trip, for `/readyz`.
+    async fn ping(&self) -> Result<()>;
+
+    // Accounts and credits.
+    async fn create_account(
+        &self,
+        id: &str,
+        name: &str,
+        credits: i64,
+        now: Millis,
+    ) -> Result<Account>;
+    async fn account_by_name(&self, name: &str) -> Result<Option<Account>>;
+    async fn list_accounts(&self) -> Result<Vec<Account>>;
+    async fn balance(&self, account_id: &str) -> Result<i64>;
+    /// Adds (or, negative, removes) credits; refuses to go below zero. Returns the new balance.
+    async fn add_credits(&self, account_name: &str, delta: i64) -> Result<i64>;
+    async fn count_accounts(&self) -> Result<i64>;
+
+    // Keys.
+    async fn create_key(&self, key: NewKey, now: Millis) -> Result<ApiKeyRecord>;
+    async fn key_by_id(&self, key_id: &str) -> Result<Option<ApiKeyRecord>>;
+    async fn list_keys(&self, account_name: Option<&str>) -> Result<Vec<ApiKeyRecord>>;
+    /// Revokes a key; false when it did not exist or was already revoked.
+    async fn revoke_key(&self, key_id: &str, now: Millis) -> Result<bool>;
+
+    // Tasks.
+    /// Checks the key's caps, reserves the cost and inserts the task, atomically.
+    async fn create_task(&self, task: NewTask) -> Result<CreateOutcome>;
+    /// A task of this account; `None` for an unknown id or another account's task.
+    async fn get_task(&self, id: &TaskId, account_id: &str) -> Result<Option<TaskRecord>>;
+    /// A task by id alone, for workers and operators.
+    async fn task(&self, id: &TaskId) -> Result<Option<TaskRecord>>;
+
+    // The queue.
+    /// Claims the oldest ready task of a stage with a lease until `lease_until`.
+    async fn claim(
+        &self,
+        stage: Stage,
+        owner: &str,
+        now: Millis,
+        lease_until: Millis,
+    ) -> Result<Option<TaskRecord>>;
+    /// Extends a lease; false when the lease is no longer ours.
+    async fn extend_lease(
+        &self,
+        id: &TaskId,
+        owner: &str,
+        lease_until: Millis,
+        now: Millis,
+    ) -> Result<bool>;
+    /// `waiting → queuing` after the inputs were fetched; releases the lease.
+    async fn inputs_ready(&self, id: &TaskId, owner: &str, now: Millis) -> Result<bool>;
+    /// Records progress of a generating task.
+    async fn set_progress(
+        &self,
+        id: &TaskId,
+        owner: &str,
+        progress: u8,
+        now: Millis,
+    ) -> Result<bool>;
+    /// `generating → success`, keeping the credits.
+    async fn succeed(
+        &self,
+        id: &TaskId,
+        owner: &str,
+        result_json: &str,
+        now: Millis,
+    ) -> Result<Finish>;
+    /// Any live state → `fail`, refunding the credits. `owner: None` acts regardless of
+    /// the lease (operators, cancellation).
+    async fn fail(
+        &self,
+        id: &TaskId,
+        owner: Option<&str>,
+        code: FailCode,
+        msg: &str,
+        now: Millis,
+    ) -> Result<Finish>;
+    /// Gives a claimed task back without spending an attempt (graceful shutdown), or
+    /// with a delay before it may be claimed again (an engine temporarily unavailable).
+    async fn release(
+        &self,
+        id: &TaskId,
+        owner: &str,
+        not_before: Millis,
+        count_attempt: bool,
+        now: Millis,
+    ) -> Result<bool>;
+    /// Returns tasks whose lease expired to their queue, or fails them once
+    /// `max_attempts` claims of a stage have been spent.
+    async fn reap(&self, now: Millis, max_attempts: i64) -> Result<ReapReport>;
+    /// The sum of credits reserved or consumed by live and successful tasks of an account
+    /// (for consistency checks and `accounts list`).
+    async fn credits_in_tasks(&self, account_id: &str) -> Result<i64>;
+    /// The number of tasks in each state, for metrics and tests.
+    async fn count_by_state(&self) -> Result<Vec<(TaskState, i64)>>;
+}

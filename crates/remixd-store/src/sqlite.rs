@@ -1,0 +1,660 @@
+//! The embedded store: SQLite through sqlx, in WAL mode.
+//!
+//! SQLite has one writer at a time, which makes the queue simple: a claim is one
+//! `UPDATE … WHERE id = (SELECT …) RETURNING *`, atomic by construction. Transactions
+//! that read before they write start with `BEGIN IMMEDIATE`, so they take the write
+//! lock up front instead of failing to upgrade a read lock under contention; the busy
+//! timeout makes concurrent writers queue instead of erroring.
+//!
+//! `synchronous = FULL`: an accepted task (a committed insert) survives not only a
+//! killed process (which WAL alone guarantees) but also a power cut.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use remixd_domain::{FailCode, KeyLimits, Millis, TaskId, TaskInput, TaskState};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
+use sqlx::Row;
+
+use crate::{
+    Account, ApiKeyRecord, CreateOutcome, Finish, KeyCap, NewKey, NewTask, ReapReport, Result,
+    Stage, Store, StoreError, TaskRecord,
+};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+
+/// The SQLite implementation of [`Store`].
+#[derive(Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore").finish_non_exhaustive()
+    }
+}
+
+impl SqliteStore {
+    /// Opens (creating if missing) the database at a `sqlite://PATH` URL.
+    pub async fn open(url: &str) -> Result<Self> {
+        let path = url
+            .strip_prefix("sqlite://")
+            .or_else(|| url.strip_prefix("sqlite:"))
+            .ok_or_else(|| StoreError::Unsupported(url.to_string()))?;
+        if let Some(parent) = std::path::Path::new(path).parent() {
+            if !parent.as_os_str().is_empty() {
+                std::fs::create_dir_all(parent).map_err(|e| {
+                    StoreError::Database(sqlx::Error::Io(std::io::Error::new(
+                        e.kind(),
+                        format!("cannot create {}: {e}", parent.display()),
+                    )))
+                })?;
+            }
+        }
+        let opts = SqliteConnectOptions::from_str(&format!("sqlite://{path}"))?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(Duration::from_secs(30))
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(8)
+            .min_connections(1)
+            .connect_with(opts)
+            .await?;
+        Ok(Self { pool })
+    }
+
+    async fn begin(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>> {
+        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
+    }
+}
+
+const TASK_COLUMNS: &str = "id, account_id, key_id, model, state, param, input, callback_url, \
+    result_json, fail_code, fail_msg, cost, credits_consumed, progress, fetch_attempts, attempts, \
+    lease_owner, lease_until, cost_time, create_time, update_time, complete_time";
+
+fn corrupt(what: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(what.to_string())
+}
+
+fn task_from_row(row: &SqliteRow) -> Result<TaskRecord> {
+    let id: String = row.try_get("id")?;
+    let state: String = row.try_get("state")?;
+    let input: String = row.try_get("input")?;
+    let fail_code: String = row.try_get("fail_code")?;
+    Ok(TaskRecord {
+        id: id.parse().map_err(|_| corrupt(format!("task id {id:?}")))?,
+        account_id: row.try_get("account_id")?,
+        key_id: row.try_get("key_id")?,
+        model: row.try_get("model")?,
+        state: state.parse().map_err(corrupt)?,
+        param: row.try_get("param")?,
+        input: serde_json::from_str::<TaskInput>(&input)
+            .map_err(|e| corrupt(format!("task {id} input: {e}")))?,
+        callback_url: row.try_get("callback_url")?,
+        result_json: row.try_get("result_json")?,
+        fail_code: if fail_code.is_empty() {
+            None
+        } else {
+            Some(
+                FailCode::parse(&fail_code)
+                    .ok_or_else(|| corrupt(format!("fail code {fail_code:?}")))?,
+            )
+        },
+        fail_msg: row.try_get("fail_msg")?,
+        cost: row.try_get("cost")?,
+        credits_consumed: row.try_get("credits_consumed")?,
+        progress: row.try_get::<i64, _>("progress")?.clamp(0, 100) as u8,
+        fetch_attempts: row.try_get("fetch_attempts")?,
+        attempts: row.try_get("attempts")?,
+        lease_owner: row.try_get("lease_owner")?,
+        lease_until: row.try_get("lease_until")?,
+        cost_time: row.try_get("cost_time")?,
+        create_time: row.try_get("create_time")?,
+        update_time: row.try_get("update_time")?,
+        complete_time: row.try_get("complete_time")?,
+    })
+}
+
+fn account_from_row(row: &SqliteRow) -> Result<Account> {
+    Ok(Account {
+        id: row.try_get("id")?,
+        name: row.try_get("name")?,
+        credits: row.try_get("credits")?,
+        create_time: row.try_get("create_time")?,
+    })
+}
+
+const KEY_SELECT: &str = "SELECT k.id, k.account_id, a.name AS account_name, k.label, k.key_hash, \
+    k.hourly_limit, k.daily_limit, k.total_limit, k.create_time, k.revoke_time \
+    FROM api_keys k JOIN accounts a ON a.id = k.account_id";
+
+fn key_from_row(row: &SqliteRow) -> Result<ApiKeyRecord> {
+    Ok(ApiKeyRecord {
+        id: row.try_get("id")?,
+        account_id: row.try_get("account_id")?,
+        account_name: row.try_get("account_name")?,
+        label: row.try_get("label")?,
+        key_hash: row.try_get("key_hash")?,
+        limits: KeyLimits {
+            hourly: row.try_get("hourly_limit")?,
+            daily: row.try_get("daily_limit")?,
+            total: row.try_get("total_limit")?,
+        },
+        create_time: row.try_get("create_time")?,
+        revoke_time: row.try_get("revoke_time")?,
+    })
+}
+
+fn is_unique_violation(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(d) if d.is_unique_violation())
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn migrate(&self) -> Result<()> {
+        MIGRATOR.run(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn create_account(
+        &self,
+        id: &str,
+        name: &str,
+        credits: i64,
+        now: Millis,
+    ) -> Result<Account> {
+        let row = sqlx::query(
+            "INSERT INTO accounts (id, name, credits, create_time) VALUES (?, ?, ?, ?) RETURNING *",
+        )
+        .bind(id)
+        .bind(name)
+        .bind(credits)
+        .bind(now)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(|e| {
+            if is_unique_violation(&e) {
+                StoreError::Conflict(format!("account {name:?}"))
+            } else {
+                e.into()
+            }
+        })?;
+        account_from_row(&row)
+    }
+
+    async fn account_by_name(&self, name: &str) -> Result<Option<Account>> {
+        let row = sqlx::query("SELECT * FROM accounts WHERE name = ?")
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(account_from_row).transpose()
+    }
+
+    async fn list_accounts(&self) -> Result<Vec<Account>> {
+        let rows = sqlx::query("SELECT * FROM accounts ORDER BY name")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(account_from_row).collect()
+    }
+
+    async fn balance(&self, account_id: &str) -> Result<i64> {
+        sqlx::query_scalar("SELECT credits FROM accounts WHERE id = ?")
+            .bind(account_id)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("account {account_id}")))
+    }
+
+    async fn add_credits(&self, account_name: &str, delta: i64) -> Result<i64> {
+        let mut tx = self.begin().await?;
+        let current: Option<i64> =
+            sqlx::query_scalar("SELECT credits FROM accounts WHERE name = ?")
+                .bind(account_name)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let current =
+            current.ok_or_else(|| StoreError::NotFound(format!("account {account_name:?}")))?;
+        let new = current
+            .checked_add(delta)
+            .filter(|n| *n >= 0)
+            .ok_or_else(|| {
+                StoreError::Conflict(format!("a balance of {current} minus {}", -delta))
+            })?;
+        sqlx::query("UPDATE accounts SET credits = ? WHERE name = ?")
+            .bind(new)
+            .bind(account_name)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(new)
+    }
+
+    async fn count_accounts(&self) -> Result<i64> {
+        Ok(sqlx::query_scalar("SELECT COUNT(*) FROM accounts")
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
+    async fn create_key(&self, key: NewKey, now: Millis) -> Result<ApiKeyRecord> {
+        let account = self
+            .account_by_name(&key.account_name)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("account {:?}", key.account_name)))?;
+        sqlx::query(
+            "INSERT INTO api_keys (id, account_id, label, key_hash, hourly_limit, daily_limit, total_limit, create_time) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&key.id)
+        .bind(&account.id)
+        .bind(&key.label)
+        .bind(&key.key_hash)
+        .bind(key.limits.hourly)
+        .bind(key.limits.daily)
+        .bind(key.limits.total)
+        .bind(now)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| {
+            if is_unique_violation(&e) {
+                StoreError::Conflict(format!("key {}", key.id))
+            } else {
+                e.into()
+            }
+        })?;
+        self.key_by_id(&key.id)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("key {}", key.id)))
+    }
+
+    async fn key_by_id(&self, key_id: &str) -> Result<Option<ApiKeyRecord>> {
+        let row = sqlx::query(&format!("{KEY_SELECT} WHERE k.id = ?"))
+            .bind(key_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(key_from_row).transpose()
+    }
+
+    async fn list_keys(&self, account_name: Option<&str>) -> Result<Vec<ApiKeyRecord>> {
+        let rows = match account_name {
+            Some(name) => {
+                sqlx::query(&format!(
+                    "{KEY_SELECT} WHERE a.name = ? ORDER BY k.create_time"
+                ))
+                .bind(name)
+                .fetch_all(&self.pool)
+                .await?
+            }
+            None => {
+                sqlx::query(&format!("{KEY_SELECT} ORDER BY a.name, k.create_time"))
+                    .fetch_all(&self.pool)
+                    .await?
+            }
+        };
+        rows.iter().map(key_from_row).collect()
+    }
+
+    async fn revoke_key(&self, key_id: &str, now: Millis) -> Result<bool> {
+        let done =
+            sqlx::query("UPDATE api_keys SET revoke_time = ? WHERE id = ? AND revoke_time IS NULL")
+                .bind(now)
+                .bind(key_id)
+                .execute(&self.pool)
+                .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn create_task(&self, t: NewTask) -> Result<CreateOutcome> {
+        let input = serde_json::to_string(&t.input).map_err(|e| corrupt(format!("input: {e}")))?;
+        let mut tx = self.begin().await?;
+
+        // The key's caps count credits charged through the key (refunded tasks count 0).
+        let limits: Option<(Option<i64>, Option<i64>, Option<i64>)> = sqlx::query_as(
+            "SELECT hourly_limit, daily_limit, total_limit FROM api_keys WHERE id = ?",
+        )
+        .bind(&t.key_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let (hourly, daily, total) =
+            limits.ok_or_else(|| StoreError::NotFound(format!("key {}", t.key_id)))?;
+        for (cap, limit, since) in [
+            (KeyCap::Hourly, hourly, t.now - 3_600_000),
+            (KeyCap::Daily, daily, t.now - 86_400_000),
+            (KeyCap::Total, total, i64::MIN),
+        ] {
+            let Some(limit) = limit else { continue };
+            let used: i64 = sqlx::query_scalar(
+                "SELECT COALESCE(SUM(credits_consumed), 0) FROM tasks WHERE key_id = ? AND create_time >= ?",
+            )
+            .bind(&t.key_id)
+            .bind(since)
+            .fetch_one(&mut *tx)
+            .await?;
+            if used + t.cost > limit {
+                return Ok(CreateOutcome::KeyLimit { cap, limit, used });
+            }
+        }
+
+        // Reserve: the conditional update is what keeps balances non-negative.
+        let balance: Option<i64> = sqlx::query_scalar(
+            "UPDATE accounts SET credits = credits - ? WHERE id = ? AND credits >= ? RETURNING credits",
+        )
+        .bind(t.cost)
+        .bind(&t.account_id)
+        .bind(t.cost)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(balance) = balance else {
+            let balance = sqlx::query_scalar("SELECT credits FROM accounts WHERE id = ?")
+                .bind(&t.account_id)
+                .fetch_one(&mut *tx)
+                .await?;
+            return Ok(CreateOutcome::InsufficientCredits { balance });
+        };
+
+        sqlx::query(
+            "INSERT INTO tasks (id, account_id, key_id, model, state, param, input, callback_url, cost, \
+             credits_consumed, create_time, update_time) VALUES (?, ?, ?, ?, 'waiting', ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(t.id.to_string())
+        .bind(&t.account_id)
+        .bind(&t.key_id)
+        .bind(&t.model)
+        .bind(&t.param)
+        .bind(&input)
+        .bind(&t.callback_url)
+        .bind(t.cost)
+        .bind(t.cost)
+        .bind(t.now)
+        .bind(t.now)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(CreateOutcome::Created { balance })
+    }
+
+    async fn get_task(&self, id: &TaskId, account_id: &str) -> Result<Option<TaskRecord>> {
+        let row = sqlx::query(&format!(
+            "SELECT {TASK_COLUMNS} FROM tasks WHERE id = ? AND account_id = ?"
+        ))
+        .bind(id.to_string())
+        .bind(account_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(task_from_row).transpose()
+    }
+
+    async fn task(&self, id: &TaskId) -> Result<Option<TaskRecord>> {
+        let row = sqlx::query(&format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = ?"))
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(task_from_row).transpose()
+    }
+
+    async fn claim(
+        &self,
+        stage: Stage,
+        owner: &str,
+        now: Millis,
+        lease_until: Millis,
+    ) -> Result<Option<TaskRecord>> {
+        let sql = match stage {
+            Stage::Fetch => format!(
+                "UPDATE tasks SET lease_owner = ?1, lease_until = ?2, fetch_attempts = fetch_attempts + 1, \
+                 update_time = ?3 WHERE id = (SELECT id FROM tasks WHERE state = 'waiting' AND lease_owner IS NULL \
+                 AND not_before <= ?3 ORDER BY state, not_before, id LIMIT 1) RETURNING {TASK_COLUMNS}"
+            ),
+            Stage::Generate => format!(
+                "UPDATE tasks SET state = 'generating', lease_owner = ?1, lease_until = ?2, attempts = attempts + 1, \
+                 progress = 0, start_time = ?3, update_time = ?3 WHERE id = (SELECT id FROM tasks WHERE state = 'queuing' \
+                 AND lease_owner IS NULL AND not_before <= ?3 ORDER BY state, not_before, id LIMIT 1) RETURNING {TASK_COLUMNS}"
+            ),
+        };
+        let row = sqlx::query(&sql)
+            .bind(owner)
+            .bind(lease_until)
+            .bind(now)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(task_from_row).transpose()
+    }
+
+    async fn extend_lease(
+        &self,
+        id: &TaskId,
+        owner: &str,
+        lease_until: Millis,
+        now: Millis,
+    ) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE tasks SET lease_until = ? WHERE id = ? AND lease_owner = ? AND lease_until >= ? \
+             AND state IN ('waiting', 'generating')",
+        )
+        .bind(lease_until)
+        .bind(id.to_string())
+        .bind(owner)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn inputs_ready(&self, id: &TaskId, owner: &str, now: Millis) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE tasks SET state = 'queuing', lease_owner = NULL, lease_until = NULL, update_time = ? \
+             WHERE id = ? AND lease_owner = ? AND state = 'waiting'",
+        )
+        .bind(now)
+        .bind(id.to_string())
+        .bind(owner)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn set_progress(
+        &self,
+        id: &TaskId,
+        owner: &str,
+        progress: u8,
+        now: Millis,
+    ) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE tasks SET progress = ?, update_time = ? WHERE id = ? AND lease_owner = ? AND state = 'generating' \
+             AND progress < ?",
+        )
+        .bind(progress as i64)
+        .bind(now)
+        .bind(id.to_string())
+        .bind(owner)
+        .bind(progress as i64)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn succeed(
+        &self,
+        id: &TaskId,
+        owner: &str,
+        result_json: &str,
+        now: Millis,
+    ) -> Result<Finish> {
+        let done = sqlx::query(
+            "UPDATE tasks SET state = 'success', result_json = ?, progress = 100, lease_owner = NULL, \
+             lease_until = NULL, cost_time = ? - COALESCE(start_time, create_time), complete_time = ?, update_time = ? \
+             WHERE id = ? AND lease_owner = ? AND state = 'generating'",
+        )
+        .bind(result_json)
+        .bind(now)
+        .bind(now)
+        .bind(now)
+        .bind(id.to_string())
+        .bind(owner)
+        .execute(&self.pool)
+        .await?;
+        Ok(if done.rows_affected() == 1 {
+            Finish::Done { refunded: 0 }
+        } else {
+            Finish::NotOwner
+        })
+    }
+
+    async fn fail(
+        &self,
+        id: &TaskId,
+        owner: Option<&str>,
+        code: FailCode,
+        msg: &str,
+        now: Millis,
+    ) -> Result<Finish> {
+        let mut tx = self.begin().await?;
+        let live: Option<(String,)> = sqlx::query_as(
+            "SELECT id FROM tasks WHERE id = ? AND state NOT IN ('success', 'fail') AND (? IS NULL OR lease_owner = ?)",
+        )
+        .bind(id.to_string())
+        .bind(owner)
+        .bind(owner)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if live.is_none() {
+            return Ok(Finish::NotOwner);
+        }
+        let refunded = fail_in_tx(&mut tx, id, code, msg, now).await?;
+        tx.commit().await?;
+        Ok(Finish::Done { refunded })
+    }
+
+    async fn release(
+        &self,
+        id: &TaskId,
+        owner: &str,
+        not_before: Millis,
+        count_attempt: bool,
+        now: Millis,
+    ) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE tasks SET state = CASE state WHEN 'generating' THEN 'queuing' ELSE state END, \
+             lease_owner = NULL, lease_until = NULL, not_before = ?, progress = 0, update_time = ?, \
+             attempts = CASE WHEN ? OR state <> 'generating' THEN attempts ELSE attempts - 1 END, \
+             fetch_attempts = CASE WHEN ? OR state <> 'waiting' THEN fetch_attempts ELSE fetch_attempts - 1 END \
+             WHERE id = ? AND lease_owner = ? AND state IN ('waiting', 'generating')",
+        )
+        .bind(not_before)
+        .bind(now)
+        .bind(count_attempt)
+        .bind(count_attempt)
+        .bind(id.to_string())
+        .bind(owner)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn reap(&self, now: Millis, max_attempts: i64) -> Result<ReapReport> {
+        let mut tx = self.begin().await?;
+        let expired: Vec<(String, String, i64, i64)> = sqlx::query_as(
+            "SELECT id, state, fetch_attempts, attempts FROM tasks \
+             WHERE lease_owner IS NOT NULL AND lease_until < ? AND state IN ('waiting', 'generating') ORDER BY id",
+        )
+        .bind(now)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut report = ReapReport::default();
+        for (id, state, fetch_attempts, attempts) in expired {
+            let task_id: TaskId = id.parse().map_err(|_| corrupt(format!("task id {id:?}")))?;
+            let (spent, what) = if state == "waiting" {
+                (fetch_attempts, "fetching its inputs")
+            } else {
+                (attempts, "generating")
+            };
+            if spent >= max_attempts {
+                let msg = format!("the worker was lost while {what}, {spent} times; giving up");
+                fail_in_tx(&mut tx, &task_id, FailCode::Internal, &msg, now).await?;
+                report.failed.push(task_id);
+            } else {
+                sqlx::query(
+                    "UPDATE tasks SET state = CASE state WHEN 'generating' THEN 'queuing' ELSE state END, \
+                     lease_owner = NULL, lease_until = NULL, progress = 0, update_time = ? WHERE id = ?",
+                )
+                .bind(now)
+                .bind(&id)
+                .execute(&mut *tx)
+                .await?;
+                report.requeued.push(task_id);
+            }
+        }
+        tx.commit().await?;
+        Ok(report)
+    }
+
+    async fn credits_in_tasks(&self, account_id: &str) -> Result<i64> {
+        Ok(sqlx::query_scalar(
+            "SELECT COALESCE(SUM(credits_consumed), 0) FROM tasks WHERE account_id = ?",
+        )
+        .bind(account_id)
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    async fn count_by_state(&self) -> Result<Vec<(TaskState, i64)>> {
+        let rows: Vec<(String, i64)> =
+            sqlx::query_as("SELECT state, COUNT(*) FROM tasks GROUP BY state")
+                .fetch_all(&self.pool)
+                .await?;
+        let mut out = Vec::new();
+        for (s, n) in rows {
+            out.push((s.parse().map_err(corrupt)?, n));
+        }
+        Ok(out)
+    }
+}
+
+/// Moves a live task to `fail` and refunds what it had consumed, inside the caller's
+/// transaction. The caller has checked that the task is live.
+async fn fail_in_tx(
+    tx: &mut sqlx::Transaction<'static, sqlx::Sqlite>,
+    id: &TaskId,
+    code: FailCode,
+    msg: &str,
+    now: Millis,
+) -> Result<i64> {
+    let (account_id, refund): (String, i64) = sqlx::query_as(
+        "SELECT account_id, credits_consumed FROM tasks WHERE id = ? AND state NOT IN ('success', 'fail')",
+    )
+    .bind(id.to_string())
+    .fetch_one(&mut **tx)
+    .await?;
+    sqlx::query(
+        "UPDATE tasks SET state = 'fail', fail_code = ?, fail_msg = ?, credits_consumed = 0, \
+         lease_owner = NULL, lease_until = NULL, \
+         cost_time = CASE WHEN start_time IS NULL THEN 0 ELSE ? - start_time END, \
+         complete_time = ?, update_time = ? WHERE id = ?",
+    )
+    .bind(code.as_str())
+    .bind(msg)
+    .bind(now)
+    .bind(now)
+    .bind(now)
+    .bind(id.to_string())
+    .execute(&mut **tx)
+    .await?;
+    sqlx::query("UPDATE accounts SET credits = credits + ? WHERE id = ?")
+        .bind(refund)
+        .bind(&account_id)
+        .execute(&mut **tx)
+        .await?;
+    Ok(refund)
+}
