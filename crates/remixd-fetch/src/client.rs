@@ -37,7 +37,11 @@ impl Resolve for GuardedResolver {
             let host = name.as_str().to_string();
             let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
                 .await
-                .map_err(|e| Box::new(FetchError::Unreachable(format!("cannot resolve {host}: {e}"))) as Box<dyn StdError + Send + Sync>)?
+                .map_err(|e| {
+                    Box::new(FetchError::Unreachable(format!(
+                        "cannot resolve {host}: {e}"
+                    ))) as Box<dyn StdError + Send + Sync>
+                })?
                 .collect();
             let mut first_refusal = None;
             let allowed: Vec<SocketAddr> = addrs
@@ -51,7 +55,8 @@ impl Resolve for GuardedResolver {
                 })
                 .collect();
             if allowed.is_empty() {
-                let err = first_refusal.unwrap_or_else(|| FetchError::Unreachable(format!("{host} has no address")));
+                let err = first_refusal
+                    .unwrap_or_else(|| FetchError::Unreachable(format!("{host} has no address")));
                 return Err(Box::new(err) as Box<dyn StdError + Send + Sync>);
             }
             Ok(Box::new(allowed.into_iter()) as Addrs)
@@ -72,13 +77,19 @@ impl Fetcher {
         let policy = Arc::new(AddressPolicy::new(&cfg.allow)?);
         let client = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
-            .dns_resolver(Arc::new(GuardedResolver { policy: policy.clone() }))
+            .dns_resolver(Arc::new(GuardedResolver {
+                policy: policy.clone(),
+            }))
             .no_proxy()
             .connect_timeout(Duration::from_secs(10).min(cfg.timeout))
             .user_agent(cfg.user_agent.clone())
             .build()
             .map_err(|e| FetchError::Config(e.to_string()))?;
-        Ok(Self { client, policy, cfg: Arc::new(cfg) })
+        Ok(Self {
+            client,
+            policy,
+            cfg: Arc::new(cfg),
+        })
     }
 
     pub fn config(&self) -> &FetchConfig {
@@ -98,10 +109,15 @@ impl Fetcher {
     /// Checks a URL's form, and an IP-literal host against the policy.
     pub fn check_url(&self, url: &Url) -> Result<(), FetchError> {
         if !matches!(url.scheme(), "http" | "https") {
-            return Err(FetchError::BadUrl(format!("scheme {:?} is not http or https", url.scheme())));
+            return Err(FetchError::BadUrl(format!(
+                "scheme {:?} is not http or https",
+                url.scheme()
+            )));
         }
         if !url.username().is_empty() || url.password().is_some() {
-            return Err(FetchError::BadUrl("URLs with a user name or password are refused".into()));
+            return Err(FetchError::BadUrl(
+                "URLs with a user name or password are refused".into(),
+            ));
         }
         match url.host() {
             None => Err(FetchError::BadUrl("no host".into())),
@@ -124,7 +140,12 @@ impl Fetcher {
         let mut url = Url::parse(url).map_err(|e| FetchError::BadUrl(e.to_string()))?;
         for hop in 0..=MAX_REDIRECTS {
             self.check_url(&url)?;
-            let mut resp = self.client.get(url.clone()).send().await.map_err(|e| map_reqwest(e, self.cfg.timeout))?;
+            let mut resp = self
+                .client
+                .get(url.clone())
+                .send()
+                .await
+                .map_err(|e| map_reqwest(e, self.cfg.timeout))?;
             let status = resp.status();
             if status.is_redirection() {
                 if hop == MAX_REDIRECTS {
@@ -135,7 +156,9 @@ impl Fetcher {
                     .get(reqwest::header::LOCATION)
                     .and_then(|v| v.to_str().ok())
                     .ok_or(FetchError::Status(status.as_u16()))?;
-                url = url.join(loc).map_err(|e| FetchError::BadUrl(format!("redirect to {loc:?}: {e}")))?;
+                url = url
+                    .join(loc)
+                    .map_err(|e| FetchError::BadUrl(format!("redirect to {loc:?}: {e}")))?;
                 continue;
             }
             if !status.is_success() {
@@ -145,7 +168,11 @@ impl Fetcher {
                 return Err(FetchError::TooLarge { limit: max_bytes });
             }
             let mut buf = BytesMut::new();
-            while let Some(chunk) = resp.chunk().await.map_err(|e| map_reqwest(e, self.cfg.timeout))? {
+            while let Some(chunk) = resp
+                .chunk()
+                .await
+                .map_err(|e| map_reqwest(e, self.cfg.timeout))?
+            {
                 if (buf.len() + chunk.len()) as u64 > max_bytes {
                     // Stop reading: dropping the response closes the connection.
                     return Err(FetchError::TooLarge { limit: max_bytes });
@@ -162,7 +189,12 @@ impl Fetcher {
     pub async fn fetch_image(&self, url: &str, max_bytes: u64) -> Result<FetchedImage, FetchError> {
         let bytes = self.download(url, max_bytes).await?;
         let (kind, width, height) = probe(&bytes, self.cfg.max_pixels)?;
-        Ok(FetchedImage { bytes, kind, width, height })
+        Ok(FetchedImage {
+            bytes,
+            kind,
+            width,
+            height,
+        })
     }
 }
 
@@ -176,7 +208,9 @@ fn map_reqwest(e: reqwest::Error, timeout: Duration) -> FetchError {
         src = s.source();
     }
     if e.is_timeout() {
-        return FetchError::Timeout { secs: timeout.as_secs().max(1) };
+        return FetchError::Timeout {
+            secs: timeout.as_secs().max(1),
+        };
     }
     // The innermost cause is the most specific ("Connection refused").
     let mut cause = e.to_string();

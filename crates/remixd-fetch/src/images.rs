@@ -79,7 +79,11 @@ pub fn probe(bytes: &[u8], max_pixels: u64) -> Result<(ImageKind, u32, u32), Fet
         return Err(FetchError::Decode("the image has no pixels".into()));
     }
     if w as u64 * h as u64 > max_pixels {
-        return Err(FetchError::TooManyPixels { width: w, height: h, limit: max_pixels });
+        return Err(FetchError::TooManyPixels {
+            width: w,
+            height: h,
+            limit: max_pixels,
+        });
     }
     Ok((kind, w, h))
 }
@@ -91,9 +95,15 @@ fn decode(bytes: &[u8], max_pixels: u64) -> Result<DynamicImage, FetchError> {
     limits.max_image_width = Some(w);
     limits.max_image_height = Some(h);
     // Room for the decoded canvas at up to 16 bytes a pixel (RGBA, 32-bit float), plus slack.
-    limits.max_alloc = Some((w as u64 * h as u64).saturating_mul(16).saturating_add(64 << 20));
+    limits.max_alloc = Some(
+        (w as u64 * h as u64)
+            .saturating_mul(16)
+            .saturating_add(64 << 20),
+    );
     reader.limits(limits);
-    reader.decode().map_err(|e| FetchError::Decode(e.to_string()))
+    reader
+        .decode()
+        .map_err(|e| FetchError::Decode(e.to_string()))
 }
 
 /// Decodes to 8-bit RGB.
@@ -118,24 +128,43 @@ mod tests {
 
     #[test]
     fn the_three_kinds_sniff_and_decode() {
-        let img = DynamicImage::ImageRgb8(image::RgbImage::from_fn(7, 5, |x, y| image::Rgb([x as u8 * 30, y as u8 * 40, 9])));
-        for (f, kind) in [(ImageFormat::Png, ImageKind::Png), (ImageFormat::Jpeg, ImageKind::Jpeg), (ImageFormat::WebP, ImageKind::Webp)] {
+        let img = DynamicImage::ImageRgb8(image::RgbImage::from_fn(7, 5, |x, y| {
+            image::Rgb([x as u8 * 30, y as u8 * 40, 9])
+        }));
+        for (f, kind) in [
+            (ImageFormat::Png, ImageKind::Png),
+            (ImageFormat::Jpeg, ImageKind::Jpeg),
+            (ImageFormat::WebP, ImageKind::Webp),
+        ] {
             let bytes = encode(&img, f);
             assert_eq!(sniff(&bytes), Some(kind));
             assert_eq!(probe(&bytes, 100).unwrap(), (kind, 7, 5));
             let rgb = decode_rgb(&bytes, 100).unwrap();
             assert_eq!(rgb.dimensions(), (7, 5));
             assert_eq!(decode_luma(&bytes, 100).unwrap().dimensions(), (7, 5));
-            assert!(matches!(probe(&bytes, 34), Err(FetchError::TooManyPixels { width: 7, height: 5, limit: 34 })));
+            assert!(matches!(
+                probe(&bytes, 34),
+                Err(FetchError::TooManyPixels {
+                    width: 7,
+                    height: 5,
+                    limit: 34
+                })
+            ));
         }
-        assert_eq!(probe(b"GIF89a\x01\x00\x01\x00", 100).unwrap_err(), FetchError::NotImage);
+        assert_eq!(
+            probe(b"GIF89a\x01\x00\x01\x00", 100).unwrap_err(),
+            FetchError::NotImage
+        );
         assert_eq!(probe(b"<html>", 100).unwrap_err(), FetchError::NotImage);
     }
 
     #[test]
     fn a_decompression_bomb_header_is_refused_without_decoding() {
         // A real 1x1 PNG whose IHDR claims 100000 x 100000 (CRC fixed up).
-        let mut png = encode(&DynamicImage::ImageRgb8(image::RgbImage::new(1, 1)), ImageFormat::Png);
+        let mut png = encode(
+            &DynamicImage::ImageRgb8(image::RgbImage::new(1, 1)),
+            ImageFormat::Png,
+        );
         png[16..20].copy_from_slice(&100_000u32.to_be_bytes());
         png[20..24].copy_from_slice(&100_000u32.to_be_bytes());
         let crc = {
@@ -143,15 +172,29 @@ mod tests {
             for &b in &png[12..29] {
                 c ^= b as u32;
                 for _ in 0..8 {
-                    c = if c & 1 != 0 { 0xedb8_8320 ^ (c >> 1) } else { c >> 1 };
+                    c = if c & 1 != 0 {
+                        0xedb8_8320 ^ (c >> 1)
+                    } else {
+                        c >> 1
+                    };
                 }
             }
             !c
         };
         png[29..33].copy_from_slice(&crc.to_be_bytes());
         let e = decode_rgb(&png, 40_000_000).unwrap_err();
-        assert_eq!(e, FetchError::TooManyPixels { width: 100_000, height: 100_000, limit: 40_000_000 });
-        assert_eq!(e.to_string(), "has dimensions 100000x100000, above the limit of 40000000 pixels");
+        assert_eq!(
+            e,
+            FetchError::TooManyPixels {
+                width: 100_000,
+                height: 100_000,
+                limit: 40_000_000
+            }
+        );
+        assert_eq!(
+            e.to_string(),
+            "has dimensions 100000x100000, above the limit of 40000000 pixels"
+        );
     }
 
     #[test]
@@ -159,6 +202,9 @@ mod tests {
         let img = DynamicImage::ImageRgb8(image::RgbImage::new(64, 64));
         let png = encode(&img, ImageFormat::Png);
         let cut = &png[..png.len() / 2];
-        assert!(matches!(decode_rgb(cut, 1 << 20), Err(FetchError::Decode(_))));
+        assert!(matches!(
+            decode_rgb(cut, 1 << 20),
+            Err(FetchError::Decode(_))
+        ));
     }
 }

@@ -54,7 +54,11 @@ pub enum FetchError {
     #[error("is not a usable URL: {0}")]
     BadUrl(String),
     #[error("points to a blocked address {}({why})", ip.map(|i| format!("{i} ")).unwrap_or_default())]
-    Blocked { host: String, ip: Option<IpAddr>, why: String },
+    Blocked {
+        host: String,
+        ip: Option<IpAddr>,
+        why: String,
+    },
     #[error("is unreachable: {0}")]
     Unreachable(String),
     #[error("answered HTTP status {0}")]

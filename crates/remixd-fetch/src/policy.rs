@@ -63,7 +63,11 @@ pub fn classify(ip: IpAddr) -> AddressClass {
 }
 
 fn in_v4(ip: Ipv4Addr, net: [u8; 4], prefix: u32) -> bool {
-    let mask = if prefix == 0 { 0 } else { u32::MAX << (32 - prefix) };
+    let mask = if prefix == 0 {
+        0
+    } else {
+        u32::MAX << (32 - prefix)
+    };
     (u32::from(ip) & mask) == (u32::from(Ipv4Addr::from(net)) & mask)
 }
 
@@ -180,8 +184,14 @@ impl AddressPolicy {
                 p.nets.push(net);
             } else if let Ok(ip) = e.parse::<IpAddr>() {
                 p.nets.push(IpNet::from(ip));
-            } else if e.contains('/') || !e.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.') {
-                return Err(FetchError::Config(format!("fetch.allow entry {e:?} is neither a host name nor a CIDR")));
+            } else if e.contains('/')
+                || !e
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+            {
+                return Err(FetchError::Config(format!(
+                    "fetch.allow entry {e:?} is neither a host name nor a CIDR"
+                )));
             } else {
                 p.hosts.push(e.to_ascii_lowercase());
             }
@@ -205,7 +215,11 @@ impl AddressPolicy {
         if class.is_public() {
             return Ok(());
         }
-        Err(FetchError::Blocked { host: host.to_string(), ip: Some(ip), why: class.describe().to_string() })
+        Err(FetchError::Blocked {
+            host: host.to_string(),
+            ip: Some(ip),
+            why: class.describe().to_string(),
+        })
     }
 }
 
@@ -280,17 +294,28 @@ mod tests {
 
     #[test]
     fn allow_list() {
-        let p = AddressPolicy::new(&["127.0.0.1/32".into(), "LocalHost".into(), "::1".into()]).unwrap();
+        let p =
+            AddressPolicy::new(&["127.0.0.1/32".into(), "LocalHost".into(), "::1".into()]).unwrap();
         assert!(p.check("127.0.0.1", "127.0.0.1".parse().unwrap()).is_ok());
         assert!(p.check("x", "::ffff:127.0.0.1".parse().unwrap()).is_ok());
         assert!(p.check("x", "::1".parse().unwrap()).is_ok());
         assert!(p.check("x", "127.0.0.2".parse().unwrap()).is_err());
-        assert!(p.check("localhost", "127.0.0.2".parse().unwrap()).is_ok(), "allowed by host name");
-        let e = p.check("metadata", "169.254.169.254".parse().unwrap()).unwrap_err();
-        assert_eq!(e.to_string(), "points to a blocked address 169.254.169.254 (link-local)");
+        assert!(
+            p.check("localhost", "127.0.0.2".parse().unwrap()).is_ok(),
+            "allowed by host name"
+        );
+        let e = p
+            .check("metadata", "169.254.169.254".parse().unwrap())
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "points to a blocked address 169.254.169.254 (link-local)"
+        );
         assert!(AddressPolicy::new(&["10.0.0.0/33".into()]).is_err());
         assert!(AddressPolicy::new(&["bad host!".into()]).is_err());
-        assert!(AddressPolicy::default().check("x", "8.8.4.4".parse().unwrap()).is_ok());
+        assert!(AddressPolicy::default()
+            .check("x", "8.8.4.4".parse().unwrap())
+            .is_ok());
     }
 
     fn special_v4(ip: Ipv4Addr) -> bool {

@@ -1,0 +1,127 @@
+//! Engines: what turns one validated, fetched task into images.
+//!
+//! Every engine receives the same [`Job`], whatever produced it, reports progress
+//! through a [`Progress`] callback, watches a cancellation token, and answers either
+//! one [`EngineImage`] per requested image or an [`EngineError`] of one of four kinds.
+//! The worker crate decides what each kind means for the task (fail now, retry later).
+//!
+//! The engines here are the light ones; the local diffusion engine is its own crate.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use image::{GrayImage, RgbImage};
+use remixd_domain::{ImageSize, NumImages, RenderingSpeed, Seed, Strength, Style};
+use tokio_util::sync::CancellationToken;
+
+pub mod preview;
+
+pub use preview::PreviewEngine;
+
+/// One task, ready for an engine: decoded images and validated parameters.
+#[derive(Clone)]
+pub struct Job {
+    /// The task id, for logs.
+    pub task_id: String,
+    /// The base image, decoded to RGB.
+    pub base: RgbImage,
+    /// The character reference, decoded to RGB.
+    pub character: RgbImage,
+    /// The character's mask, one channel, white = character.
+    pub mask: Option<GrayImage>,
+    /// Style reference images, decoded to RGB.
+    pub style_images: Vec<RgbImage>,
+    /// The prompt (already expanded where the engine wants that).
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub expand_prompt: bool,
+    pub size: ImageSize,
+    pub num_images: NumImages,
+    pub seed: Seed,
+    pub strength: Strength,
+    pub style: Style,
+    pub rendering_speed: RenderingSpeed,
+}
+
+impl std::fmt::Debug for Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Job")
+            .field("task_id", &self.task_id)
+            .field("base", &self.base.dimensions())
+            .field("character", &self.character.dimensions())
+            .field("mask", &self.mask.as_ref().map(|m| m.dimensions()))
+            .field("style_images", &self.style_images.len())
+            .field("size", &self.size)
+            .field("num_images", &self.num_images)
+            .field("seed", &self.seed)
+            .field("strength", &self.strength)
+            .field("style", &self.style)
+            .field("rendering_speed", &self.rendering_speed)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One generated image, encoded.
+#[derive(Debug, Clone)]
+pub struct EngineImage {
+    pub bytes: Bytes,
+    /// `image/png`, `image/jpeg` or `image/webp`.
+    pub content_type: String,
+    pub width: u32,
+    pub height: u32,
+}
+
+impl EngineImage {
+    /// The file extension for the content type.
+    pub fn extension(&self) -> &'static str {
+        match self.content_type.as_str() {
+            "image/jpeg" => "jpg",
+            "image/webp" => "webp",
+            _ => "png",
+        }
+    }
+}
+
+/// Why an engine gave no images. Each kind maps to one outcome for the task.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EngineError {
+    /// The input cannot be used (the task fails with failCode `422`).
+    #[error("{0}")]
+    BadInput(String),
+    /// The engine tried and could not generate (`501`).
+    #[error("{0}")]
+    GenerationFailed(String),
+    /// Try again later (the task is retried, up to `limits.max_attempts`).
+    #[error("{0}")]
+    Unavailable(String),
+    /// A bug or broken environment (`500`).
+    #[error("{0}")]
+    Internal(String),
+    /// The job was cancelled while it ran.
+    #[error("cancelled")]
+    Cancelled,
+}
+
+/// Receives progress, 0..=100. Cheap to call often; it must not block.
+pub type Progress = Arc<dyn Fn(u8) + Send + Sync>;
+
+/// A way to turn jobs into images.
+#[async_trait]
+pub trait Engine: Send + Sync + 'static {
+    /// A short name for logs and the start-up line (`preview`, `local`, `fal`, …).
+    fn name(&self) -> &str;
+
+    /// Whether the engine can take work now (weights loaded, provider key present).
+    async fn ready(&self) -> Result<(), EngineError>;
+
+    /// Generates `job.num_images` images, image `i` from seed `job.seed + i`.
+    ///
+    /// Must return promptly with [`EngineError::Cancelled`] once `cancel` fires.
+    async fn generate(
+        &self,
+        job: Job,
+        progress: Progress,
+        cancel: CancellationToken,
+    ) -> Result<Vec<EngineImage>, EngineError>;
+}

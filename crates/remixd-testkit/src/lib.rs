@@ -1,0 +1,347 @@
+//! Test support for remixd's integration tests.
+//!
+//! - [`ImageServer`]: an HTTP server on 127.0.0.1:0 serving named byte blobs, plus
+//!   misbehaving routes (slow, redirecting, erroring) for the fetch tests. It counts
+//!   the requests it saw, so a test can prove a blocked URL was never requested.
+//! - [`samples`]: the bundled sample photos and small synthetic images.
+//! - [`Api`]: a typed-enough client for the task API that polls until a task is done.
+//!
+//! Nothing here talks to anything but loopback.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::{Path, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use bytes::Bytes;
+use serde_json::{json, Value};
+
+/// Sample images: the bundled photos and synthetic ones.
+pub mod samples {
+    use std::io::Cursor;
+
+    pub const COFFEE_WEBP: &[u8] = include_bytes!("../../../assets/coffee.webp");
+    pub const ASTRONAUT_WEBP: &[u8] = include_bytes!("../../../assets/astronaut.webp");
+    pub const ASTRONAUT_MASK_PNG: &[u8] = include_bytes!("../../../assets/astronaut_mask.png");
+
+    /// A solid-colour PNG of the given size.
+    pub fn png(w: u32, h: u32, rgb: [u8; 3]) -> Vec<u8> {
+        let img = image::RgbImage::from_pixel(w, h, image::Rgb(rgb));
+        let mut out = Cursor::new(Vec::new());
+        img.write_to(&mut out, image::ImageFormat::Png)
+            .expect("encode png");
+        out.into_inner()
+    }
+
+    /// A gradient JPEG of the given size.
+    pub fn jpeg(w: u32, h: u32) -> Vec<u8> {
+        let img = image::RgbImage::from_fn(w, h, |x, y| {
+            image::Rgb([(x % 256) as u8, (y % 256) as u8, 128])
+        });
+        let mut out = Cursor::new(Vec::new());
+        img.write_to(&mut out, image::ImageFormat::Jpeg)
+            .expect("encode jpeg");
+        out.into_inner()
+    }
+
+    /// The first bytes of a PNG that claims `w`×`h` pixels: a decompression bomb's header.
+    pub fn png_header_claiming(w: u32, h: u32) -> Vec<u8> {
+        let mut v = png(1, 1, [0, 0, 0]);
+        // IHDR's width and height sit at bytes 16..24; the CRC after them is recomputed
+        // so the header is well-formed and only the size is absurd.
+        v[16..20].copy_from_slice(&w.to_be_bytes());
+        v[20..24].copy_from_slice(&h.to_be_bytes());
+        let crc = crc32(&v[12..29]);
+        v[29..33].copy_from_slice(&crc.to_be_bytes());
+        v
+    }
+
+    fn crc32(data: &[u8]) -> u32 {
+        // The PNG CRC (ISO 3309), bitwise; a few dozen bytes need no table.
+        let mut c = 0xffff_ffffu32;
+        for &b in data {
+            c ^= b as u32;
+            for _ in 0..8 {
+                c = if c & 1 != 0 {
+                    0xedb8_8320 ^ (c >> 1)
+                } else {
+                    c >> 1
+                };
+            }
+        }
+        !c
+    }
+}
+
+#[derive(Default)]
+struct Files {
+    files: Mutex<HashMap<String, (Bytes, &'static str)>>,
+    hits: AtomicUsize,
+}
+
+/// A loopback HTTP server of test images.
+#[derive(Clone)]
+pub struct ImageServer {
+    pub base: String,
+    state: Arc<Files>,
+}
+
+impl ImageServer {
+    /// Starts on 127.0.0.1 with the bundled samples at `/coffee.webp`, `/astronaut.webp`,
+    /// `/mask.png`, and the special routes `/slow/{ms}`, `/status/{code}`,
+    /// `/redirect/{n}` (n hops, then `/coffee.webp`), `/text`.
+    pub async fn start() -> Self {
+        let state = Arc::new(Files::default());
+        let app = axum::Router::new()
+            .route("/{name}", get(serve_file))
+            .route("/slow/{ms}", get(slow))
+            .route("/status/{code}", get(status))
+            .route("/redirect/{n}", get(redirect))
+            .with_state(state.clone());
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind image server");
+        let base = format!("http://{}", l.local_addr().expect("addr"));
+        tokio::spawn(async move {
+            let _ = axum::serve(l, app).await;
+        });
+        let s = Self { base, state };
+        s.put("coffee.webp", samples::COFFEE_WEBP.to_vec(), "image/webp");
+        s.put(
+            "astronaut.webp",
+            samples::ASTRONAUT_WEBP.to_vec(),
+            "image/webp",
+        );
+        s.put(
+            "mask.png",
+            samples::ASTRONAUT_MASK_PNG.to_vec(),
+            "image/png",
+        );
+        s.put("text", b"hello, I am not an image".to_vec(), "text/plain");
+        s
+    }
+
+    /// Serves `bytes` at `/<name>`.
+    pub fn put(&self, name: &str, bytes: Vec<u8>, content_type: &'static str) {
+        self.state
+            .files
+            .lock()
+            .unwrap()
+            .insert(name.to_string(), (Bytes::from(bytes), content_type));
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}/{}", self.base, path.trim_start_matches('/'))
+    }
+
+    /// How many requests the server has answered.
+    pub fn hits(&self) -> usize {
+        self.state.hits.load(Ordering::SeqCst)
+    }
+}
+
+async fn serve_file(State(s): State<Arc<Files>>, Path(name): Path<String>) -> Response {
+    s.hits.fetch_add(1, Ordering::SeqCst);
+    match s.files.lock().unwrap().get(&name) {
+        Some((b, ct)) => ([(header::CONTENT_TYPE, *ct)], b.clone()).into_response(),
+        None => StatusCode::NOT_FOUND.into_response(),
+    }
+}
+
+async fn slow(State(s): State<Arc<Files>>, Path(ms): Path<u64>) -> Response {
+    s.hits.fetch_add(1, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+    (
+        [(header::CONTENT_TYPE, "image/png")],
+        samples::png(4, 4, [1, 2, 3]),
+    )
+        .into_response()
+}
+
+async fn status(State(s): State<Arc<Files>>, Path(code): Path<u16>) -> Response {
+    s.hits.fetch_add(1, Ordering::SeqCst);
+    StatusCode::from_u16(code)
+        .unwrap_or(StatusCode::IM_A_TEAPOT)
+        .into_response()
+}
+
+async fn redirect(State(s): State<Arc<Files>>, Path(n): Path<u32>) -> Response {
+    s.hits.fetch_add(1, Ordering::SeqCst);
+    let to = if n == 0 {
+        "/coffee.webp".to_string()
+    } else {
+        format!("/redirect/{}", n - 1)
+    };
+    (StatusCode::FOUND, [(header::LOCATION, to)]).into_response()
+}
+
+/// A client of the task API.
+#[derive(Clone)]
+pub struct Api {
+    pub base: String,
+    pub key: String,
+    pub http: reqwest::Client,
+}
+
+/// An answer: HTTP status, headers and parsed body.
+#[derive(Debug)]
+pub struct Answer {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: Value,
+}
+
+impl Answer {
+    pub fn code(&self) -> i64 {
+        self.body["code"].as_i64().unwrap_or(-1)
+    }
+    pub fn msg(&self) -> &str {
+        self.body["msg"].as_str().unwrap_or("")
+    }
+}
+
+impl Api {
+    pub fn new(base: &str, key: &str) -> Self {
+        Self {
+            base: base.to_string(),
+            key: key.to_string(),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    pub fn with_key(&self, key: &str) -> Self {
+        Self {
+            key: key.to_string(),
+            ..self.clone()
+        }
+    }
+
+    async fn answer(r: reqwest::Response) -> Answer {
+        let status = r.status().as_u16();
+        let headers = r.headers().clone();
+        let text = r.text().await.expect("body");
+        let body =
+            serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON ({status}): {text}"));
+        Answer {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    /// POSTs raw bytes with a content type to a path.
+    pub async fn post_raw(&self, path: &str, content_type: &str, body: Vec<u8>) -> Answer {
+        let r = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(&self.key)
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+            .await
+            .expect("request");
+        Self::answer(r).await
+    }
+
+    pub async fn create(&self, body: &Value) -> Answer {
+        self.post_raw(
+            "/api/v1/jobs/createTask",
+            "application/json",
+            body.to_string().into_bytes(),
+        )
+        .await
+    }
+
+    pub async fn get(&self, path_and_query: &str) -> Answer {
+        let r = self
+            .http
+            .get(format!("{}{path_and_query}", self.base))
+            .bearer_auth(&self.key)
+            .send()
+            .await
+            .expect("request");
+        Self::answer(r).await
+    }
+
+    pub async fn record(&self, task_id: &str) -> Answer {
+        self.get(&format!("/api/v1/jobs/recordInfo?taskId={task_id}"))
+            .await
+    }
+
+    pub async fn balance(&self) -> i64 {
+        let a = self.get("/api/v1/chat/credit").await;
+        a.body["data"]
+            .as_i64()
+            .unwrap_or_else(|| panic!("credit: {:?}", a.body))
+    }
+
+    /// Creates a task and returns its id, panicking on refusal.
+    pub async fn create_ok(&self, body: &Value) -> String {
+        let a = self.create(body).await;
+        assert_eq!(a.code(), 200, "createTask: {:?}", a.body);
+        a.body["data"]["taskId"]
+            .as_str()
+            .expect("taskId")
+            .to_string()
+    }
+
+    /// Polls recordInfo until the task is terminal; returns its data object.
+    pub async fn wait_done(&self, task_id: &str, timeout: Duration) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let a = self.record(task_id).await;
+            if a.code() == 429 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+            assert_eq!(a.code(), 200, "recordInfo: {:?}", a.body);
+            let state = a.body["data"]["state"].as_str().unwrap_or("").to_string();
+            if state == "success" || state == "fail" {
+                return a.body["data"].clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "task {task_id} still {state} after {timeout:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// Waits until `/readyz` answers 200.
+    pub async fn wait_ready(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(r) = self.http.get(format!("{}/readyz", self.base)).send().await {
+                if r.status().is_success() {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "server at {} not ready after {timeout:?}",
+                self.base
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// A createTask body with the given image URLs and extra input fields.
+pub fn task_body(base_url: &str, character_url: &str, extra: Value) -> Value {
+    let mut input = json!({
+        "prompt": "an astronaut having coffee",
+        "image_url": base_url,
+        "reference_image_urls": [character_url],
+        "image_size": "square",
+    });
+    if let (Some(i), Some(e)) = (input.as_object_mut(), extra.as_object()) {
+        for (k, v) in e {
+            i.insert(k.clone(), v.clone());
+        }
+    }
+    json!({"model": "ideogram/character-remix", "input": input})
+}

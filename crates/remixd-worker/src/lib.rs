@@ -1,0 +1,213 @@
+//! remixd's workers: everything that moves a task after the API accepted it.
+//!
+//! Three kinds of loop run under one [`TaskTracker`]:
+//! - **fetch** loops claim `waiting` tasks, download and check their input images
+//!   (through `remixd-fetch`, the only code that opens sockets to user URLs), keep the
+//!   raw bytes in file storage under `inputs/<task>/`, and move the task to `queuing`;
+//! - **generate** loops (as many as `engine.concurrency`) claim `queuing` tasks, decode
+//!   their inputs, run the engine, store the images under unguessable keys and finish
+//!   the task;
+//! - the **reaper** returns tasks whose lease lapsed (a dead worker's) to their queue,
+//!   or fails them once `limits.max_attempts` is spent.
+//!
+//! Every claim carries a lease that a heartbeat extends while the work runs; a worker
+//! that loses its lease stops and touches the task no more. All state changes go
+//! through the store's conditional updates, so a task is finished exactly once and
+//! refunded at most once, whatever the crashes.
+//!
+//! Shutdown: the loops stop claiming at once; work in hand gets `shutdown_grace` to
+//! finish, after which the engine is cancelled and the task released, uncharged, for
+//! the next worker.
+
+mod generate;
+mod inputs;
+mod lease;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use remixd_domain::now_millis;
+use remixd_engine::Engine;
+use remixd_fetch::Fetcher;
+use remixd_store::{Blobs, Store};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use generate::result_json;
+
+/// How a worker process behaves. Defaults suit production; tests shorten the times.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// This process's lease owner name; unique per process.
+    pub owner: String,
+    /// How long a claim is valid without a heartbeat.
+    pub lease: Duration,
+    /// How often idle loops look for work when nothing woke them.
+    pub poll_interval: Duration,
+    /// How many tasks fetch their inputs at once.
+    pub fetch_concurrency: usize,
+    /// How many tasks generate at once (`engine.concurrency`).
+    pub engine_concurrency: usize,
+    /// Claims of a stage before the task fails (`limits.max_attempts`).
+    pub max_attempts: i64,
+    /// Wait before retrying a task whose engine was temporarily unavailable (times the attempt).
+    pub retry_delay: Duration,
+    /// Time that work in hand gets to finish after shutdown starts.
+    pub shutdown_grace: Duration,
+    /// Base of result URLs (`server.public_url`).
+    pub public_url: String,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            owner: format!(
+                "worker-{}",
+                &uuid::Uuid::new_v4().simple().to_string()[..12]
+            ),
+            lease: Duration::from_secs(30),
+            poll_interval: Duration::from_secs(1),
+            fetch_concurrency: 4,
+            engine_concurrency: 1,
+            max_attempts: 3,
+            retry_delay: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(20),
+            public_url: "http://127.0.0.1:8080".into(),
+        }
+    }
+}
+
+/// Wakes idle loops when there is new work, so a task does not wait a poll interval.
+/// Other nodes rely on polling.
+#[derive(Debug, Default, Clone)]
+pub struct Wakeup {
+    fetch: Arc<Notify>,
+    generate: Arc<Notify>,
+}
+
+impl Wakeup {
+    /// A task was created.
+    pub fn task_created(&self) {
+        self.fetch.notify_one();
+    }
+    fn inputs_ready(&self) {
+        self.generate.notify_one();
+    }
+}
+
+/// What every loop shares.
+pub(crate) struct Ctx {
+    pub store: Arc<dyn Store>,
+    pub blobs: Blobs,
+    pub fetcher: Fetcher,
+    pub engine: Arc<dyn Engine>,
+    pub cfg: WorkerConfig,
+    pub wake: Wakeup,
+    /// Fires `shutdown_grace` after shutdown began: work in hand must stop now.
+    pub hard_stop: CancellationToken,
+}
+
+/// The worker side of a remixd process.
+pub struct Worker {
+    ctx: Arc<Ctx>,
+}
+
+impl Worker {
+    pub fn new(
+        store: Arc<dyn Store>,
+        blobs: Blobs,
+        fetcher: Fetcher,
+        engine: Arc<dyn Engine>,
+        cfg: WorkerConfig,
+        wake: Wakeup,
+    ) -> Self {
+        let ctx = Ctx {
+            store,
+            blobs,
+            fetcher,
+            engine,
+            cfg,
+            wake,
+            hard_stop: CancellationToken::new(),
+        };
+        Self { ctx: Arc::new(ctx) }
+    }
+
+    /// Starts every loop on `tracker`. They stop claiming when `shutdown` fires and
+    /// finish (or release) what they hold within the grace period.
+    pub fn spawn(self, tracker: &TaskTracker, shutdown: CancellationToken) {
+        let ctx = self.ctx;
+        tracing::info!(owner = %ctx.cfg.owner, engine = ctx.engine.name(), "worker starting");
+        for _ in 0..ctx.cfg.fetch_concurrency.max(1) {
+            tracker.spawn(stage_loop(ctx.clone(), Stage::Fetch, shutdown.clone()));
+        }
+        for _ in 0..ctx.cfg.engine_concurrency.max(1) {
+            tracker.spawn(stage_loop(ctx.clone(), Stage::Generate, shutdown.clone()));
+        }
+        tracker.spawn(reaper(ctx.clone(), shutdown.clone()));
+        let (grace, hard) = (ctx.cfg.shutdown_grace, ctx.hard_stop.clone());
+        tracker.spawn(async move {
+            shutdown.cancelled().await;
+            tokio::time::sleep(grace).await;
+            hard.cancel();
+        });
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Stage {
+    Fetch,
+    Generate,
+}
+
+async fn stage_loop(ctx: Arc<Ctx>, stage: Stage, shutdown: CancellationToken) {
+    let notify = match stage {
+        Stage::Fetch => ctx.wake.fetch.clone(),
+        Stage::Generate => ctx.wake.generate.clone(),
+    };
+    while !shutdown.is_cancelled() {
+        let worked = match stage {
+            Stage::Fetch => inputs::run_one(&ctx).await,
+            Stage::Generate => generate::run_one(&ctx).await,
+        };
+        match worked {
+            Ok(true) => continue,
+            Ok(false) => {}
+            Err(e) => tracing::warn!(?stage, error = %e, "claim failed; backing off"),
+        }
+        tokio::select! {
+            _ = notify.notified() => {}
+            _ = tokio::time::sleep(ctx.cfg.poll_interval) => {}
+            _ = shutdown.cancelled() => {}
+        }
+    }
+}
+
+async fn reaper(ctx: Arc<Ctx>, shutdown: CancellationToken) {
+    let every = (ctx.cfg.lease / 3).max(Duration::from_millis(50));
+    loop {
+        match ctx.store.reap(now_millis(), ctx.cfg.max_attempts).await {
+            Ok(r) => {
+                for id in &r.requeued {
+                    tracing::warn!(task = %id, "lease lapsed; task returned to its queue");
+                }
+                for id in &r.failed {
+                    tracing::warn!(task = %id, "lease lapsed with no attempts left; task failed");
+                    if let Err(e) = ctx.blobs.delete_prefix(&format!("inputs/{id}")).await {
+                        tracing::warn!(task = %id, error = %e, "could not delete inputs");
+                    }
+                }
+                if !r.requeued.is_empty() {
+                    ctx.wake.task_created();
+                    ctx.wake.inputs_ready();
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "reaper pass failed"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}

@@ -1,0 +1,270 @@
+//! The command line of OPERATIONS.md: `serve`, `migrate`, `accounts`, `credits`, `keys`,
+//! `webhooks`, `config show`, `demo`, and `bench` (remixd's own, for measurements).
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use remixd_domain::{now_millis, KeyLimits};
+
+use crate::settings::Settings;
+use crate::{open_store, Role};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "remixd",
+    version,
+    about = "Self-hosted character remix: the task API, workers and engines"
+)]
+pub struct Cli {
+    /// A TOML settings file (default: remixd.toml in the working directory, if present).
+    #[arg(long, global = true)]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the service.
+    Serve {
+        #[arg(long, value_enum, default_value_t = Role::All)]
+        role: Role,
+        /// Listen address (overrides server.listen).
+        #[arg(long)]
+        listen: Option<String>,
+    },
+    /// Apply database migrations and exit.
+    Migrate,
+    /// Manage accounts.
+    #[command(subcommand)]
+    Accounts(AccountsCmd),
+    /// Manage credits.
+    #[command(subcommand)]
+    Credits(CreditsCmd),
+    /// Manage API keys.
+    #[command(subcommand)]
+    Keys(KeysCmd),
+    /// Callback signing secrets.
+    #[command(subcommand)]
+    Webhooks(WebhooksCmd),
+    /// Show configuration.
+    #[command(subcommand)]
+    Config(ConfigCmd),
+    /// Start an embedded server on a free port and run a sample task.
+    Demo {
+        /// Where to write the images.
+        #[arg(long, default_value = "remixd-demo")]
+        out: PathBuf,
+    },
+    /// Measurements (prints figures; asserts nothing).
+    #[command(subcommand)]
+    Bench(BenchCmd),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AccountsCmd {
+    /// Create an account; prints its id.
+    Create {
+        name: String,
+        #[arg(long, default_value_t = 0)]
+        credits: i64,
+    },
+    /// List accounts with their balances.
+    List,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CreditsCmd {
+    /// Add (or, negative, remove) credits; prints the new balance.
+    Add {
+        #[arg(long)]
+        account: String,
+        #[arg(allow_negative_numbers = true)]
+        amount: i64,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCmd {
+    /// Create a key; prints it alone on the last line (shown once).
+    Create {
+        #[arg(long)]
+        account: String,
+        #[arg(long, default_value = "")]
+        label: String,
+        #[arg(long)]
+        hourly_limit: Option<i64>,
+        #[arg(long)]
+        daily_limit: Option<i64>,
+        #[arg(long)]
+        total_limit: Option<i64>,
+    },
+    /// List keys (never their secrets).
+    List {
+        #[arg(long)]
+        account: Option<String>,
+    },
+    /// Revoke a key by its id.
+    Revoke { key_id: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum WebhooksCmd {
+    /// Create or rotate the account's callback signing secret; prints it.
+    Secret {
+        #[arg(long)]
+        account: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCmd {
+    /// The effective configuration, secrets redacted.
+    Show,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCmd {
+    /// Time the preview engine per image.
+    Preview {
+        /// image_size preset.
+        #[arg(long, default_value = "square_hd")]
+        size: String,
+        #[arg(long, default_value_t = 20)]
+        iterations: u32,
+    },
+}
+
+/// Runs one command; the caller prints errors and sets the exit status.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let mut settings = Settings::load(cli.config.as_deref())?;
+    match cli.command {
+        Command::Serve { role, listen } => {
+            if let Some(l) = listen {
+                settings.server.listen = l;
+            }
+            let listener = tokio::net::TcpListener::bind(&settings.server.listen)
+                .await
+                .with_context(|| format!("cannot listen on {}", settings.server.listen))?;
+            crate::launch_with_listener(settings, listener, role, crate::shutdown_on_signals())
+                .await
+        }
+        Command::Migrate => {
+            open_store(&settings).await?;
+            println!("migrations applied to {}", settings.database_url());
+            Ok(())
+        }
+        Command::Accounts(AccountsCmd::Create { name, credits }) => {
+            anyhow::ensure!(
+                !name.trim().is_empty(),
+                "the account name must not be empty"
+            );
+            anyhow::ensure!(credits >= 0, "--credits must not be negative");
+            let store = open_store(&settings).await?;
+            let acct = store
+                .create_account(&crate::uuid_like(), &name, credits, now_millis())
+                .await?;
+            println!("{}", acct.id);
+            Ok(())
+        }
+        Command::Accounts(AccountsCmd::List) => {
+            let store = open_store(&settings).await?;
+            println!("{:<32}  {:<24}  {:>10}", "ID", "NAME", "CREDITS");
+            for a in store.list_accounts().await? {
+                println!("{:<32}  {:<24}  {:>10}", a.id, a.name, a.credits);
+            }
+            Ok(())
+        }
+        Command::Credits(CreditsCmd::Add { account, amount }) => {
+            let store = open_store(&settings).await?;
+            let balance = store.add_credits(&account, amount).await?;
+            println!("{balance}");
+            Ok(())
+        }
+        Command::Keys(KeysCmd::Create {
+            account,
+            label,
+            hourly_limit,
+            daily_limit,
+            total_limit,
+        }) => {
+            for (name, v) in [
+                ("--hourly-limit", hourly_limit),
+                ("--daily-limit", daily_limit),
+                ("--total-limit", total_limit),
+            ] {
+                anyhow::ensure!(v.is_none_or(|n| n >= 0), "{name} must not be negative");
+            }
+            let store = open_store(&settings).await?;
+            store
+                .account_by_name(&account)
+                .await?
+                .with_context(|| format!("no account named {account:?}"))?;
+            let limits = KeyLimits {
+                hourly: hourly_limit,
+                daily: daily_limit,
+                total: total_limit,
+            };
+            let (token, record) = remixd_api::auth::generate_key(&account, &label, limits);
+            let rec = store.create_key(record, now_millis()).await?;
+            println!(
+                "key id {} for account {} (shown once; store it now):",
+                rec.id, rec.account_name
+            );
+            println!("{}", token.0);
+            Ok(())
+        }
+        Command::Keys(KeysCmd::List { account }) => {
+            let store = open_store(&settings).await?;
+            println!(
+                "{:<16}  {:<20}  {:<16}  {:>8}  {:>8}  {:>8}  STATUS",
+                "KEY ID", "ACCOUNT", "LABEL", "HOURLY", "DAILY", "TOTAL"
+            );
+            let show = |v: Option<i64>| v.map(|n| n.to_string()).unwrap_or_else(|| "-".into());
+            for k in store.list_keys(account.as_deref()).await? {
+                println!(
+                    "{:<16}  {:<20}  {:<16}  {:>8}  {:>8}  {:>8}  {}",
+                    k.id,
+                    k.account_name,
+                    k.label,
+                    show(k.limits.hourly),
+                    show(k.limits.daily),
+                    show(k.limits.total),
+                    if k.revoke_time.is_some() {
+                        "revoked"
+                    } else {
+                        "active"
+                    }
+                );
+            }
+            Ok(())
+        }
+        Command::Keys(KeysCmd::Revoke { key_id }) => {
+            let store = open_store(&settings).await?;
+            anyhow::ensure!(
+                store.revoke_key(&key_id, now_millis()).await?,
+                "no active key with id {key_id:?}"
+            );
+            println!("revoked {key_id}");
+            Ok(())
+        }
+        Command::Webhooks(WebhooksCmd::Secret { .. }) => {
+            anyhow::bail!("callback signing secrets arrive with callbacks; this build has none yet")
+        }
+        Command::Config(ConfigCmd::Show) => {
+            settings.check()?;
+            print!("{}", toml::to_string(&settings)?);
+            println!(
+                "# effective: database.url = {:?}, storage.url = {:?}",
+                settings.database_url(),
+                settings.storage_url()
+            );
+            Ok(())
+        }
+        Command::Demo { out } => crate::demo::run(settings, &out).await,
+        Command::Bench(BenchCmd::Preview { size, iterations }) => {
+            crate::demo::bench_preview(&size, iterations)
+        }
+    }
+}

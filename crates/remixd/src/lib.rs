@@ -1,0 +1,249 @@
+//! The remixd binary's library: settings, wiring and the CLI commands, importable by
+//! the integration tests so they start the real server in-process on port 0.
+//!
+//! [`launch_with_listener`] is the one entry point that turns settings into a running
+//! service: it opens the store and file storage, creates the default account on an
+//! empty database, builds the engine, starts the workers and serves the API until the
+//! shutdown token fires, then drains everything in order (stop accepting, finish or
+//! release work in hand).
+
+pub mod cli;
+pub mod demo;
+pub mod settings;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use remixd_api::{ApiConfig, AppState};
+use remixd_domain::{now_millis, KeyLimits};
+use remixd_engine::{Engine, PreviewEngine};
+use remixd_fetch::{FetchConfig, Fetcher};
+use remixd_store::{Blobs, SqliteStore, Store};
+use remixd_worker::{Wakeup, Worker, WorkerConfig};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use settings::Settings;
+
+/// Which parts of remixd a process runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Default)]
+pub enum Role {
+    /// The API, the workers and the background loops.
+    #[default]
+    All,
+    /// Only the HTTP API.
+    Api,
+    /// Only the workers (with /healthz and /readyz on the listener).
+    Worker,
+}
+
+/// Credits of the account made on first start.
+pub const DEFAULT_ACCOUNT_CREDITS: i64 = 1000;
+
+/// Opens the configured database and applies migrations.
+pub async fn open_store(settings: &Settings) -> anyhow::Result<Arc<dyn Store>> {
+    let url = settings.database_url();
+    let store: Arc<dyn Store> = if url.starts_with("sqlite:") {
+        Arc::new(
+            SqliteStore::open(&url)
+                .await
+                .with_context(|| format!("opening database {url}"))?,
+        )
+    } else {
+        anyhow::bail!("database.url {url:?}: only sqlite:// databases are supported by this build");
+    };
+    store
+        .migrate()
+        .await
+        .context("applying database migrations")?;
+    Ok(store)
+}
+
+/// Builds the configured engine.
+pub fn build_engine(settings: &Settings) -> anyhow::Result<Arc<dyn Engine>> {
+    match settings.engine.kind.as_str() {
+        "preview" => Ok(Arc::new(PreviewEngine::new(
+            remixd_engine::preview::PreviewConfig {
+                delay_per_image: Duration::from_millis(settings.engine.preview.delay_ms),
+            },
+        ))),
+        k @ ("local" | "fal" | "ideogram") => {
+            anyhow::bail!("engine.kind = {k:?} is not available in this build yet; use \"preview\"")
+        }
+        other => {
+            anyhow::bail!("engine.kind = {other:?} is unknown (preview, local, fal, ideogram)")
+        }
+    }
+}
+
+/// On an empty database: the `default` account with its key, written to
+/// `<data_dir>/default.key` (mode 0600). Returns the key when one was made.
+pub async fn first_start(store: &dyn Store, data_dir: &Path) -> anyhow::Result<Option<String>> {
+    if store.count_accounts().await? > 0 {
+        return Ok(None);
+    }
+    let id = uuid_like();
+    store
+        .create_account(&id, "default", DEFAULT_ACCOUNT_CREDITS, now_millis())
+        .await?;
+    let (token, record) =
+        remixd_api::auth::generate_key("default", "default", KeyLimits::default());
+    store.create_key(record, now_millis()).await?;
+    std::fs::create_dir_all(data_dir)?;
+    let path = data_dir.join("default.key");
+    write_private(&path, &format!("{}\n", token.0))
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(Some(token.0))
+}
+
+fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(contents.as_bytes())
+}
+
+/// A fresh time-ordered id for accounts.
+pub fn uuid_like() -> String {
+    remixd_domain::TaskId::new().to_string()
+}
+
+/// Runs remixd on an already-bound listener until `shutdown` fires.
+pub async fn launch_with_listener(
+    settings: Settings,
+    listener: TcpListener,
+    role: Role,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    settings.check()?;
+    if settings.server.metrics_listen.is_some() {
+        anyhow::bail!("server.metrics_listen is not supported by this build yet; leave it unset");
+    }
+    let addr = listener.local_addr()?;
+    let public_url = settings
+        .server
+        .public_url
+        .clone()
+        .unwrap_or_else(|| format!("http://{addr}"));
+
+    let store = open_store(&settings).await?;
+    if let Some(key) = first_start(&*store, &settings.data_dir).await? {
+        let path = settings.data_dir.join("default.key");
+        println!("Created account \"default\" with {DEFAULT_ACCOUNT_CREDITS} credits.");
+        println!("Its API key (also written to {}):", path.display());
+        println!("{key}");
+    }
+    let blobs = Blobs::open(&settings.storage_url()).context("opening file storage")?;
+    let engine = build_engine(&settings)?;
+    let fetcher = Fetcher::new(FetchConfig {
+        allow: settings.fetch.allow.clone(),
+        timeout: Duration::from_secs(settings.fetch.timeout_s),
+        max_image_bytes: settings.fetch.max_image_bytes,
+        max_pixels: settings.fetch.max_pixels,
+        ..FetchConfig::default()
+    })
+    .context("fetch settings")?;
+
+    let tracker = TaskTracker::new();
+    let wake = Wakeup::default();
+    if role != Role::Api {
+        let w = &settings.worker;
+        let cfg = WorkerConfig {
+            lease: Duration::from_millis(w.lease_ms),
+            poll_interval: Duration::from_millis(w.poll_ms),
+            fetch_concurrency: w.fetch_concurrency,
+            engine_concurrency: settings.engine.concurrency,
+            max_attempts: settings.limits.max_attempts,
+            retry_delay: Duration::from_millis(w.retry_delay_ms),
+            shutdown_grace: Duration::from_millis(w.shutdown_grace_ms),
+            public_url: public_url.clone(),
+            ..WorkerConfig::default()
+        };
+        Worker::new(
+            store.clone(),
+            blobs.clone(),
+            fetcher.clone(),
+            engine.clone(),
+            cfg,
+            wake.clone(),
+        )
+        .spawn(&tracker, shutdown.clone());
+    }
+
+    let api_cfg = ApiConfig {
+        error_http_status: settings.api.error_http_status,
+        maintenance: settings.api.maintenance,
+        disabled: settings.api.disabled.clone(),
+        create_per_10s: settings.limits.create_per_10s,
+        query_per_s: settings.limits.query_per_s,
+        prices: settings.credits,
+        ..ApiConfig::default()
+    };
+    let on_created: remixd_api::OnCreated = {
+        let wake = wake.clone();
+        Arc::new(move || wake.task_created())
+    };
+    let state = Arc::new(AppState::new(
+        store.clone(),
+        blobs,
+        engine.clone(),
+        api_cfg,
+        on_created,
+    ));
+    let app = match role {
+        Role::Worker => remixd_api::health_router(state.clone()),
+        _ => remixd_api::router(state.clone()),
+    };
+    {
+        // Forget idle rate-limit keys now and then.
+        let (state, shutdown) = (state.clone(), shutdown.clone());
+        tracker.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(60)) => state.limits.prune(),
+                    _ = shutdown.cancelled() => return,
+                }
+            }
+        });
+    }
+
+    tracing::info!(
+        listen = %addr, public_url = %public_url, engine = engine.name(), role = ?role,
+        database = %settings.database_url(), storage = %settings.storage_url(),
+        "remixd started (engine: {})", engine.name()
+    );
+    let serve = axum::serve(listener, app).with_graceful_shutdown({
+        let s = shutdown.clone();
+        async move { s.cancelled().await }
+    });
+    serve.await.context("serving HTTP")?;
+    tracing::info!("HTTP stopped; draining workers");
+    tracker.close();
+    tracker.wait().await;
+    tracing::info!("remixd stopped");
+    Ok(())
+}
+
+/// A shutdown token that fires on SIGTERM or Ctrl-C.
+pub fn shutdown_on_signals() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = tokio::signal::ctrl_c() => tracing::info!("interrupt: shutting down"),
+        }
+        t.cancel();
+    });
+    token
+}

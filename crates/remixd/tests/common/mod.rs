@@ -1,0 +1,96 @@
+//! Starts the real remixd in-process on 127.0.0.1:0 with a temporary data directory.
+
+#![allow(dead_code)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use remixd::settings::Settings;
+use remixd::Role;
+use remixd_domain::{now_millis, KeyLimits};
+use remixd_store::Store;
+use remixd_testkit::Api;
+use tokio_util::sync::CancellationToken;
+
+pub struct TestServer {
+    pub api: Api,
+    pub settings: Settings,
+    pub dir: tempfile::TempDir,
+    shutdown: CancellationToken,
+    handle: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+/// Settings for tests: loopback allowed, fast leases and polling, generous limits.
+pub fn test_settings(dir: &std::path::Path) -> Settings {
+    let mut s = Settings::default();
+    s.data_dir = dir.to_path_buf();
+    s.fetch.allow = vec!["127.0.0.1/32".into()];
+    s.fetch.timeout_s = 5;
+    s.limits.create_per_10s = 1000;
+    s.limits.query_per_s = 1000;
+    s.worker.poll_ms = 50;
+    s.worker.lease_ms = 2000;
+    s.worker.retry_delay_ms = 100;
+    s.worker.shutdown_grace_ms = 2000;
+    s
+}
+
+impl TestServer {
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(tweak: impl FnOnce(&mut Settings)) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut settings = test_settings(dir.path());
+        tweak(&mut settings);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let shutdown = CancellationToken::new();
+        let handle = tokio::spawn(remixd::launch_with_listener(
+            settings.clone(),
+            listener,
+            Role::All,
+            shutdown.clone(),
+        ));
+        let api = Api::new(&base, "");
+        api.wait_ready(Duration::from_secs(20)).await;
+        let key = std::fs::read_to_string(dir.path().join("default.key"))
+            .expect("default.key")
+            .trim()
+            .to_string();
+        Self {
+            api: api.with_key(&key),
+            settings,
+            dir,
+            shutdown,
+            handle,
+        }
+    }
+
+    /// A second connection to the same database, as an operator's CLI would open it.
+    pub async fn store(&self) -> Arc<dyn Store> {
+        remixd::open_store(&self.settings)
+            .await
+            .expect("open store")
+    }
+
+    /// Creates an account with one key; returns a client using that key.
+    pub async fn account(&self, name: &str, credits: i64, limits: KeyLimits) -> Api {
+        let store = self.store().await;
+        store
+            .create_account(&remixd::uuid_like(), name, credits, now_millis())
+            .await
+            .unwrap();
+        let (token, rec) = remixd_api::auth::generate_key(name, "test", limits);
+        store.create_key(rec, now_millis()).await.unwrap();
+        self.api.with_key(&token.0)
+    }
+
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.handle.await.expect("join").expect("server result");
+    }
+}

@@ -1,0 +1,257 @@
+//! Durability: SIGKILL the real binary at arbitrary moments, restart it, and every
+//! accepted task still ends in `success` or `fail` with credits consistent. SIGTERM
+//! drains: the process exits cleanly and nothing is left behind.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use remixd_testkit::{task_body, Api, ImageServer};
+use serde_json::{json, Value};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn write_config(dir: &Path, port: u16) -> std::path::PathBuf {
+    let cfg = format!(
+        r#"data_dir = "{dir}"
+[server]
+listen = "127.0.0.1:{port}"
+[fetch]
+allow = ["127.0.0.1/32"]
+[limits]
+create_per_10s = 10000
+query_per_s = 10000
+max_attempts = 5
+[engine.preview]
+delay_ms = 150
+[worker]
+lease_ms = 1000
+poll_ms = 50
+shutdown_grace_ms = 5000
+"#,
+        dir = dir.display()
+    );
+    let path = dir.join("remixd.toml");
+    std::fs::write(&path, cfg).unwrap();
+    path
+}
+
+fn spawn(config: &Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_remixd"))
+        .args(["serve", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start remixd")
+}
+
+fn signal(child: &Child, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill {sig}");
+}
+
+async fn states(api: &Api, ids: &[String]) -> Vec<Value> {
+    let mut out = Vec::new();
+    for id in ids {
+        let a = api.record(id).await;
+        assert_eq!(a.code(), 200, "accepted task {id} must exist: {:?}", a.body);
+        out.push(a.body["data"].clone());
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkill_at_any_moment_loses_no_task_and_no_credit() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = write_config(dir.path(), port);
+    let img = ImageServer::start().await;
+    let base = format!("http://127.0.0.1:{port}");
+
+    let mut child = spawn(&config);
+    let probe = Api::new(&base, "");
+    probe.wait_ready(Duration::from_secs(30)).await;
+    let key = std::fs::read_to_string(dir.path().join("default.key"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let api = Api::new(&base, &key);
+    // Enough credits that the bursts are never refused for money; the operator's CLI
+    // writes to the same database while the server runs.
+    let out = Command::new(env!("CARGO_BIN_EXE_remixd"))
+        .args([
+            "credits",
+            "add",
+            "--account",
+            "default",
+            "99000",
+            "--config",
+        ])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "100000");
+    let body = task_body(
+        &img.url("coffee.webp"),
+        &img.url("astronaut.webp"),
+        json!({"num_images": 2, "rendering_speed": "TURBO"}),
+    );
+
+    let mut accepted: Vec<String> = Vec::new();
+    // Three kills: during a create burst, mid-generation, and right after a restart.
+    for (round, kill_after_ms) in [(0u32, 250u64), (1, 700), (2, 60)].into_iter() {
+        let creator = {
+            let (api, body) = (api.clone(), body.clone());
+            tokio::spawn(async move {
+                let mut ids = Vec::new();
+                let until = Instant::now() + Duration::from_millis(kill_after_ms + 300);
+                while Instant::now() < until {
+                    // Paced, so the kill lands mid-burst without queueing minutes of work.
+                    tokio::time::sleep(Duration::from_millis(40)).await;
+                    match api
+                        .http
+                        .post(format!("{}/api/v1/jobs/createTask", api.base))
+                        .bearer_auth(&api.key)
+                        .json(&body)
+                        .send()
+                        .await
+                    {
+                        Ok(r) => {
+                            if let Ok(v) = r.json::<Value>().await {
+                                if v["code"] == 200 {
+                                    ids.push(v["data"]["taskId"].as_str().unwrap().to_string());
+                                }
+                            }
+                        }
+                        // The server is gone (or a pooled connection was): keep trying until the deadline.
+                        Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+                    }
+                }
+                ids
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(kill_after_ms)).await;
+        signal(&child, "-KILL");
+        child.wait().unwrap();
+        let ids = creator.await.unwrap();
+        assert!(
+            !ids.is_empty(),
+            "round {round}: some tasks were accepted before the kill"
+        );
+        accepted.extend(ids);
+        child = spawn(&config);
+        probe.wait_ready(Duration::from_secs(30)).await;
+    }
+
+    // After the last restart every accepted task reaches a terminal state.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let done = loop {
+        let all = states(&api, &accepted).await;
+        if all
+            .iter()
+            .all(|d| d["state"] == "success" || d["state"] == "fail")
+        {
+            break all;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "tasks stuck: {:?}",
+            all.iter().map(|d| d["state"].clone()).collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let consumed: i64 = done
+        .iter()
+        .map(|d| d["creditsConsumed"].as_i64().unwrap())
+        .sum();
+    let successes = done.iter().filter(|d| d["state"] == "success").count();
+    assert_eq!(
+        api.balance().await + consumed,
+        100_000,
+        "credits are consistent"
+    );
+    assert_eq!(consumed, successes as i64 * 24);
+    for d in done.iter().filter(|d| d["state"] == "success") {
+        let r: Value = serde_json::from_str(d["resultJson"].as_str().unwrap()).unwrap();
+        for u in r["resultUrls"].as_array().unwrap() {
+            assert_eq!(
+                reqwest::get(u.as_str().unwrap()).await.unwrap().status(),
+                200
+            );
+        }
+    }
+    signal(&child, "-KILL");
+    child.wait().unwrap();
+    eprintln!(
+        "{} tasks accepted across 3 kills; {successes} succeeded",
+        accepted.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_drains_and_exits_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = write_config(dir.path(), port);
+    let img = ImageServer::start().await;
+    let base = format!("http://127.0.0.1:{port}");
+    let mut child = spawn(&config);
+    Api::new(&base, "")
+        .wait_ready(Duration::from_secs(30))
+        .await;
+    let key = std::fs::read_to_string(dir.path().join("default.key"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let api = Api::new(&base, &key);
+    let body = task_body(
+        &img.url("coffee.webp"),
+        &img.url("astronaut.webp"),
+        json!({"num_images": 3}),
+    );
+    let mut ids = Vec::new();
+    for _ in 0..4 {
+        ids.push(api.create_ok(&body).await);
+    }
+    // Wait until something is generating, then ask politely.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !states(&api, &ids)
+        .await
+        .iter()
+        .any(|d| d["state"] == "generating")
+    {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    signal(&child, "-TERM");
+    let started = Instant::now();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "SIGTERM exits 0: {status:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "drained within the grace period"
+    );
+
+    // Nothing was left holding a lease: a restart finishes the rest at once.
+    let mut child = spawn(&config);
+    api.wait_ready(Duration::from_secs(30)).await;
+    for id in &ids {
+        let d = api.wait_done(id, Duration::from_secs(30)).await;
+        assert_eq!(d["state"], "success", "{d}");
+    }
+    assert_eq!(api.balance().await, 1000 - 4 * 54);
+    signal(&child, "-KILL");
+    child.wait().unwrap();
+}
