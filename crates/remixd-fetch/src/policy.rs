@@ -202,7 +202,7 @@ impl AddressPolicy {
     /// Whether `host` (a URL's host name) is exempt by name.
     pub fn host_allowed(&self, host: &str) -> bool {
         let h = host.trim_end_matches('.').to_ascii_lowercase();
-        self.hosts.iter().any(|a| *a == h)
+        self.hosts.contains(&h)
     }
 
     /// Whether a connection to `ip`, reached through `host`, is allowed.

@@ -86,11 +86,11 @@ pub(crate) async fn run_one(ctx: &Arc<Ctx>) -> Result<bool, remixd_store::StoreE
     match outcome {
         None => {}
         Some(Ok(())) => {
-            if ctx
+            let moved = ctx
                 .store
                 .inputs_ready(&id, &ctx.cfg.owner, now_millis())
-                .await?
-            {
+                .await?;
+            if moved {
                 tracing::debug!(task = %id, "inputs ready");
                 ctx.wake.inputs_ready();
             }

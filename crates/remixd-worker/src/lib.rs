@@ -147,7 +147,9 @@ impl Worker {
         }
         tracker.spawn(reaper(ctx.clone(), shutdown.clone()));
         let (grace, hard) = (ctx.cfg.shutdown_grace, ctx.hard_stop.clone());
-        tracker.spawn(async move {
+        // Not on the tracker: the tracker's wait must end as soon as the loops have,
+        // not when the grace period runs out.
+        tokio::spawn(async move {
             shutdown.cancelled().await;
             tokio::time::sleep(grace).await;
             hard.cancel();

@@ -357,6 +357,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail fixes the closure's error type
     fn layers_and_unknown_keys() {
         figment::Jail::expect_with(|jail| {
             jail.create_file(

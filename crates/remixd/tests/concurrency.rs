@@ -35,7 +35,7 @@ async fn concurrent_creates_never_overdraw_and_failures_refund() {
     }
     assert_eq!((ids.len(), refused), (7, 33));
     let b = api.balance().await;
-    assert!(b >= 0 && b <= 18 * 7);
+    assert!((0..=18 * 7).contains(&b));
     for id in &ids {
         let d = api.wait_done(id, Duration::from_secs(30)).await;
         assert_eq!(

@@ -691,30 +691,3 @@ fn time_per_1024_image() {
         assert!(!png.is_empty());
     }
 }
-
-/// Writes sample renders for a human to look at (not run by default):
-/// `PREVIEW_SAMPLES=/some/dir cargo test -p remixd-engine write_samples -- --ignored`.
-#[test]
-#[ignore]
-fn write_samples() {
-    let dir = std::env::var("PREVIEW_SAMPLES")
-        .unwrap_or_else(|_| std::env::temp_dir().display().to_string());
-    for style in [Style::Auto, Style::Fiction, Style::Realistic] {
-        for (tag, styles) in [("plain", vec![]), ("styled", vec![sample("rocket.jpg")])] {
-            let mut j = photo_job();
-            j.size = ImageSize::Landscape4_3;
-            j.style = style;
-            j.strength = Strength::new(0.8).unwrap();
-            j.style_images = styles;
-            let path = format!("{dir}/preview-{}-{tag}.png", style.as_str());
-            std::fs::write(&path, encode_png(&render(&j, 0))).unwrap();
-        }
-    }
-    let mut j = job(sample("rocket.jpg"), sample("astronaut.png"), None);
-    j.size = ImageSize::Portrait4_3;
-    std::fs::write(
-        format!("{dir}/preview-ellipse.png"),
-        encode_png(&render(&j, 0)),
-    )
-    .unwrap();
-}

@@ -22,8 +22,10 @@ pub struct TestServer {
 
 /// Settings for tests: loopback allowed, fast leases and polling, generous limits.
 pub fn test_settings(dir: &std::path::Path) -> Settings {
-    let mut s = Settings::default();
-    s.data_dir = dir.to_path_buf();
+    let mut s = Settings {
+        data_dir: dir.to_path_buf(),
+        ..Settings::default()
+    };
     s.fetch.allow = vec!["127.0.0.1/32".into()];
     s.fetch.timeout_s = 5;
     s.limits.create_per_10s = 1000;
