@@ -263,13 +263,18 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     }
 }
 
+/// Storage prefixes served under `/files/`.
+const PUBLIC_PREFIXES: [&str; 1] = ["results/"];
+
 /// Serves a stored file (results now, uploads later) by its unguessable key.
 pub async fn file(
     State(state): State<Arc<AppState>>,
     Path(key): Path<String>,
 ) -> AppResult<Response> {
     let not_found = || ApiError::NotFound("File not found".into());
-    if !remixd_store::blobs::valid_key(&key) {
+    // Only results are public; fetched inputs and probes stay private.
+    if !remixd_store::blobs::valid_key(&key) || !PUBLIC_PREFIXES.iter().any(|p| key.starts_with(p))
+    {
         return Err(not_found());
     }
     let bytes = match state.blobs.get(&key).await {

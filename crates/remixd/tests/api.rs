@@ -118,6 +118,12 @@ async fn happy_path_from_create_to_downloaded_images() {
         "every task gets its own unguessable URL"
     );
 
+    // Fetched inputs stay private, though they sit in the same storage.
+    let input = srv.api.get(&format!("/files/inputs/{id}/base")).await;
+    assert_eq!(input.code(), 404);
+    assert!(srv.dir.path().join("files/readyz-probe").exists());
+    assert_eq!(srv.api.get("/files/readyz-probe").await.code(), 404);
+
     // A guessed file URL is 404 in the envelope.
     let guess = srv
         .api
@@ -558,5 +564,50 @@ async fn a_loopback_url_is_refused_unless_fetch_allow_names_it() {
         "{data}"
     );
     assert_eq!(img.hits(), 0);
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn first_start_writes_a_private_key_file() {
+    use std::os::unix::fs::PermissionsExt;
+    let srv = TestServer::start().await;
+    let meta = std::fs::metadata(srv.dir.path().join("default.key")).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    let store = srv.store().await;
+    let accounts = store.list_accounts().await.unwrap();
+    assert_eq!(accounts.len(), 1);
+    assert_eq!(
+        (accounts[0].name.as_str(), accounts[0].credits),
+        ("default", 1000)
+    );
+    let keys = store.list_keys(Some("default")).await.unwrap();
+    assert_eq!(keys.len(), 1);
+    let key = std::fs::read_to_string(srv.dir.path().join("default.key")).unwrap();
+    assert_ne!(
+        keys[0].key_hash,
+        key.trim().as_bytes(),
+        "only a hash is stored"
+    );
+    assert_eq!(keys[0].key_hash, remixd_api::auth::hash_key(key.trim()));
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn readyz_fails_when_storage_is_gone() {
+    let srv = TestServer::start().await;
+    assert_eq!(srv.api.get("/readyz").await.status, 200);
+    // Replace the storage directory by a plain file: writes and reads must fail.
+    let files = srv.dir.path().join("files");
+    std::fs::remove_dir_all(&files).unwrap();
+    std::fs::write(&files, b"not a directory").unwrap();
+    let r = srv.api.get("/readyz").await;
+    assert_eq!(r.status, 503, "{:?}", r.body);
+    assert_eq!(r.body["data"]["database"], "ok");
+    assert_ne!(r.body["data"]["storage"], "ok");
+    assert_eq!(
+        srv.api.get("/healthz").await.status,
+        200,
+        "the process itself is up"
+    );
     srv.stop().await;
 }
