@@ -9,12 +9,13 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use rand::Rng;
 use remixd_domain::{now_millis, TaskId, MODEL_NAME};
-use remixd_store::{BlobError, CreateOutcome, NewTask, TaskRecord};
+use remixd_store::{BlobError, CreateOutcome, NewTask};
 use serde::Serialize;
 
 use crate::auth::authenticate;
 use crate::error::{ok, ApiError, Envelope};
 use crate::validate;
+use crate::wire::RecordInfo;
 use crate::AppState;
 
 type AppResult<T> = Result<T, ApiError>;
@@ -117,47 +118,6 @@ pub async fn create_task(
                 remixd_store::KeyCap::Total => 86_400,
             },
         }),
-    }
-}
-
-/// The recordInfo `data` object.
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct RecordInfo {
-    task_id: String,
-    model: String,
-    state: &'static str,
-    param: String,
-    result_json: String,
-    fail_code: &'static str,
-    fail_msg: String,
-    cost_time: i64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    complete_time: Option<i64>,
-    create_time: i64,
-    update_time: i64,
-    credits_consumed: i64,
-    progress: u8,
-}
-
-impl From<TaskRecord> for RecordInfo {
-    fn from(t: TaskRecord) -> Self {
-        let terminal = t.state.is_terminal();
-        RecordInfo {
-            task_id: t.id.to_string(),
-            model: t.model,
-            state: t.state.as_str(),
-            param: t.param,
-            result_json: t.result_json,
-            fail_code: t.fail_code.map(|c| c.as_str()).unwrap_or(""),
-            fail_msg: t.fail_msg,
-            cost_time: if terminal { t.cost_time } else { 0 },
-            complete_time: t.complete_time.filter(|_| terminal),
-            create_time: t.create_time,
-            update_time: t.update_time,
-            credits_consumed: t.credits_consumed,
-            progress: t.progress,
-        }
     }
 }
 

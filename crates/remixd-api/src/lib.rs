@@ -11,6 +11,7 @@ pub mod error;
 mod handlers;
 pub mod limits;
 pub mod validate;
+pub mod wire;
 
 use std::sync::Arc;
 

@@ -8,7 +8,9 @@ use remixd_domain::{
     TaskInput, TaskState,
 };
 
-use crate::{CreateOutcome, Finish, KeyCap, NewKey, NewTask, Stage, Store};
+use crate::{
+    AttemptOutcome, CreateOutcome, DeliveryState, Finish, KeyCap, NewKey, NewTask, Stage, Store,
+};
 
 /// A valid input for tests.
 pub fn sample_input() -> TaskInput {
@@ -86,6 +88,7 @@ where
     queue_claims_leases_and_reaper(&*make().await).await;
     cross_account_reads(&*make().await).await;
     release_and_retry_delay(&*make().await).await;
+    callback_outbox(&*make().await).await;
 }
 
 pub async fn reservation_and_refund(s: &dyn Store) {
@@ -383,4 +386,142 @@ pub async fn release_and_retry_delay(s: &dyn Store) {
         .unwrap()
         .unwrap();
     assert_eq!(g.attempts, 2);
+}
+
+pub async fn callback_outbox(s: &dyn Store) {
+    let (acct, key) = account_with_key(s, "cb", 100, KeyLimits::default()).await;
+    let mut with_cb = new_task(&acct, &key, 18, 1);
+    with_cb.callback_url = Some("http://127.0.0.1:1/hook".into());
+    let without = new_task(&acct, &key, 18, 1);
+    s.create_task(with_cb.clone()).await.unwrap();
+    s.create_task(without.clone()).await.unwrap();
+    assert_eq!(s.balance(&acct).await.unwrap(), 64);
+
+    // Terminal transitions record the delivery in the same transaction, after the refund.
+    s.fail(&with_cb.id, None, FailCode::BadInput, "x", 10)
+        .await
+        .unwrap();
+    s.fail(&without.id, None, FailCode::BadInput, "x", 10)
+        .await
+        .unwrap();
+    assert!(
+        s.deliveries_of(&without.id).await.unwrap().is_empty(),
+        "no URL, no delivery"
+    );
+    let d = s.deliveries_of(&with_cb.id).await.unwrap();
+    assert_eq!(d.len(), 1);
+    let d = &d[0];
+    assert!(d.id.starts_with("msg_"));
+    assert_eq!(
+        (d.state, d.remained_credits, d.attempts, d.url.as_str()),
+        (DeliveryState::Pending, 82, 0, "http://127.0.0.1:1/hook")
+    );
+
+    // Claims are exclusive until the lease lapses.
+    let c = s.claim_deliveries("a", 10, 100, 10).await.unwrap();
+    assert_eq!(c.len(), 1);
+    assert!(s
+        .claim_deliveries("b", 50, 150, 10)
+        .await
+        .unwrap()
+        .is_empty());
+    let retry = AttemptOutcome::Retry {
+        status: Some(500),
+        error: "HTTP 500".into(),
+        next_attempt: 1000,
+    };
+    assert!(
+        !s.record_attempt(&d.id, "b", "{}", &retry, 60)
+            .await
+            .unwrap(),
+        "only the lease owner records"
+    );
+    assert!(s
+        .record_attempt(&d.id, "a", "{\"first\":1}", &retry, 60)
+        .await
+        .unwrap());
+    assert!(
+        s.claim_deliveries("a", 999, 2000, 10)
+            .await
+            .unwrap()
+            .is_empty(),
+        "not due yet"
+    );
+    let c = s.claim_deliveries("b", 1000, 2000, 10).await.unwrap();
+    assert_eq!(
+        (c[0].attempts, c[0].payload.as_deref(), c[0].last_status),
+        (1, Some("{\"first\":1}"), Some(500))
+    );
+    // The payload is fixed by the first attempt.
+    let give_up = AttemptOutcome::GiveUp {
+        status: Some(410),
+        error: "gone".into(),
+    };
+    assert!(s
+        .record_attempt(&d.id, "b", "{\"second\":2}", &give_up, 1100)
+        .await
+        .unwrap());
+    let failed = s
+        .list_deliveries(Some(DeliveryState::Failed), 10)
+        .await
+        .unwrap();
+    assert_eq!(failed.len(), 1);
+    assert_eq!(
+        (failed[0].payload.as_deref(), failed[0].attempts),
+        (Some("{\"first\":1}"), 2)
+    );
+
+    // An operator redelivers: the schedule starts again, now.
+    assert!(s.redeliver(&d.id, 1200).await.unwrap());
+    assert!(!s.redeliver("msg_nope", 1200).await.unwrap());
+    let c = s.claim_deliveries("c", 1200, 3000, 10).await.unwrap();
+    assert_eq!((c.len(), c[0].attempts), (1, 0));
+    assert!(s
+        .record_attempt(
+            &d.id,
+            "c",
+            "{}",
+            &AttemptOutcome::Delivered { status: 204 },
+            1300
+        )
+        .await
+        .unwrap());
+    assert_eq!(
+        s.list_deliveries(Some(DeliveryState::Delivered), 10)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+
+    // A lapsed lease is claimable again (a deliverer died mid-attempt).
+    let mut t = new_task(&acct, &key, 18, 2000);
+    t.callback_url = Some("http://127.0.0.1:1/hook".into());
+    s.create_task(t.clone()).await.unwrap();
+    s.fail(&t.id, None, FailCode::Cancelled, "x", 2000)
+        .await
+        .unwrap();
+    assert_eq!(
+        s.claim_deliveries("dead", 2000, 2100, 10)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(
+        s.claim_deliveries("alive", 2101, 2200, 10)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+
+    // Secrets.
+    assert_eq!(s.webhook_secret(&acct).await.unwrap(), None);
+    s.set_webhook_secret("cb", "whsec_abc").await.unwrap();
+    assert_eq!(
+        s.webhook_secret(&acct).await.unwrap().as_deref(),
+        Some("whsec_abc")
+    );
+    assert!(s.set_webhook_secret("nobody", "x").await.is_err());
 }

@@ -188,6 +188,73 @@ pub enum Finish {
     NotOwner,
 }
 
+/// Where a callback delivery stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeliveryState {
+    /// Waiting for its next attempt.
+    Pending,
+    /// A receiver answered 2xx.
+    Delivered,
+    /// Given up: the schedule ran out, or the receiver answered 410.
+    Failed,
+}
+
+impl DeliveryState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeliveryState::Pending => "pending",
+            DeliveryState::Delivered => "delivered",
+            DeliveryState::Failed => "failed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "pending" => Some(Self::Pending),
+            "delivered" => Some(Self::Delivered),
+            "failed" => Some(Self::Failed),
+            _ => None,
+        }
+    }
+}
+
+/// One callback delivery from the outbox.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeliveryRecord {
+    /// The `webhook-id`, stable across attempts.
+    pub id: String,
+    pub task_id: TaskId,
+    pub account_id: String,
+    pub url: String,
+    /// The account's balance when the task finished (`remainedCredits`).
+    pub remained_credits: i64,
+    /// The body, fixed at the first attempt so every retry signs the same bytes.
+    pub payload: Option<String>,
+    pub state: DeliveryState,
+    pub attempts: i64,
+    pub next_attempt: Millis,
+    pub last_status: Option<i64>,
+    pub last_error: String,
+    pub create_time: Millis,
+    pub update_time: Millis,
+    pub complete_time: Option<Millis>,
+}
+
+/// What one delivery attempt came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AttemptOutcome {
+    /// 2xx: done.
+    Delivered { status: u16 },
+    /// Try again at `next_attempt`.
+    Retry {
+        status: Option<u16>,
+        error: String,
+        next_attempt: Millis,
+    },
+    /// Stop trying (410, or the schedule is spent).
+    GiveUp { status: Option<u16>, error: String },
+}
+
 /// Everything remixd keeps in its database.
 ///
 /// Times come in as arguments (`now`), so tests control the clock and all nodes of a
@@ -292,4 +359,37 @@ pub trait Store: Send + Sync + 'static {
     async fn credits_in_tasks(&self, account_id: &str) -> Result<i64>;
     /// The number of tasks in each state, for metrics and tests.
     async fn count_by_state(&self) -> Result<Vec<(TaskState, i64)>>;
+
+    // Callbacks.
+    /// Sets (or replaces) an account's callback signing secret.
+    async fn set_webhook_secret(&self, account_name: &str, secret: &str) -> Result<()>;
+    /// The account's callback signing secret, if it has one.
+    async fn webhook_secret(&self, account_id: &str) -> Result<Option<String>>;
+    /// Claims up to `limit` due deliveries with a lease until `lease_until`.
+    async fn claim_deliveries(
+        &self,
+        owner: &str,
+        now: Millis,
+        lease_until: Millis,
+        limit: i64,
+    ) -> Result<Vec<DeliveryRecord>>;
+    /// Records an attempt (and the payload it sent); false when the lease was lost.
+    async fn record_attempt(
+        &self,
+        id: &str,
+        owner: &str,
+        payload: &str,
+        outcome: &AttemptOutcome,
+        now: Millis,
+    ) -> Result<bool>;
+    /// Deliveries, newest first, optionally of one state.
+    async fn list_deliveries(
+        &self,
+        state: Option<DeliveryState>,
+        limit: i64,
+    ) -> Result<Vec<DeliveryRecord>>;
+    /// Puts a delivery back in the queue for an attempt now (operators); false if unknown.
+    async fn redeliver(&self, id: &str, now: Millis) -> Result<bool>;
+    /// The deliveries of one task (tests, operators).
+    async fn deliveries_of(&self, task_id: &TaskId) -> Result<Vec<DeliveryRecord>>;
 }

@@ -21,8 +21,8 @@ use sqlx::sqlite::{
 use sqlx::Row;
 
 use crate::{
-    Account, ApiKeyRecord, CreateOutcome, Finish, KeyCap, NewKey, NewTask, ReapReport, Result,
-    Stage, Store, StoreError, TaskRecord,
+    Account, ApiKeyRecord, AttemptOutcome, CreateOutcome, DeliveryRecord, DeliveryState, Finish,
+    KeyCap, NewKey, NewTask, ReapReport, Result, Stage, Store, StoreError, TaskRecord,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -504,6 +504,7 @@ impl Store for SqliteStore {
         result_json: &str,
         now: Millis,
     ) -> Result<Finish> {
+        let mut tx = self.begin().await?;
         let done = sqlx::query(
             "UPDATE tasks SET state = 'success', result_json = ?, progress = 100, lease_owner = NULL, \
              lease_until = NULL, cost_time = ? - COALESCE(start_time, create_time), complete_time = ?, update_time = ? \
@@ -515,13 +516,14 @@ impl Store for SqliteStore {
         .bind(now)
         .bind(id.to_string())
         .bind(owner)
-        .execute(&self.write)
+        .execute(&mut *tx)
         .await?;
-        Ok(if done.rows_affected() == 1 {
-            Finish::Done { refunded: 0 }
-        } else {
-            Finish::NotOwner
-        })
+        if done.rows_affected() != 1 {
+            return Ok(Finish::NotOwner);
+        }
+        enqueue_callback_in_tx(&mut tx, id, now).await?;
+        tx.commit().await?;
+        Ok(Finish::Done { refunded: 0 })
     }
 
     async fn fail(
@@ -632,6 +634,130 @@ impl Store for SqliteStore {
         }
         Ok(out)
     }
+
+    async fn set_webhook_secret(&self, account_name: &str, secret: &str) -> Result<()> {
+        let done = sqlx::query("UPDATE accounts SET webhook_secret = ? WHERE name = ?")
+            .bind(secret)
+            .bind(account_name)
+            .execute(&self.write)
+            .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound(format!("account {account_name:?}")));
+        }
+        Ok(())
+    }
+
+    async fn webhook_secret(&self, account_id: &str) -> Result<Option<String>> {
+        let v: Option<Option<String>> =
+            sqlx::query_scalar("SELECT webhook_secret FROM accounts WHERE id = ?")
+                .bind(account_id)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(v.flatten())
+    }
+
+    async fn claim_deliveries(
+        &self,
+        owner: &str,
+        now: Millis,
+        lease_until: Millis,
+        limit: i64,
+    ) -> Result<Vec<DeliveryRecord>> {
+        let rows = sqlx::query(
+            "UPDATE deliveries SET lease_owner = ?1, lease_until = ?2 WHERE id IN (SELECT id FROM deliveries \
+             WHERE state = 'pending' AND next_attempt <= ?3 AND (lease_until IS NULL OR lease_until < ?3) \
+             ORDER BY next_attempt LIMIT ?4) RETURNING *",
+        )
+        .bind(owner)
+        .bind(lease_until)
+        .bind(now)
+        .bind(limit)
+        .fetch_all(&self.write)
+        .await?;
+        rows.iter().map(delivery_from_row).collect()
+    }
+
+    async fn record_attempt(
+        &self,
+        id: &str,
+        owner: &str,
+        payload: &str,
+        outcome: &AttemptOutcome,
+        now: Millis,
+    ) -> Result<bool> {
+        let (state, status, error, next, complete) = match outcome {
+            AttemptOutcome::Delivered { status } => {
+                ("delivered", Some(*status), "", None, Some(now))
+            }
+            AttemptOutcome::Retry {
+                status,
+                error,
+                next_attempt,
+            } => (
+                "pending",
+                *status,
+                error.as_str(),
+                Some(*next_attempt),
+                None,
+            ),
+            AttemptOutcome::GiveUp { status, error } => {
+                ("failed", *status, error.as_str(), None, Some(now))
+            }
+        };
+        let done = sqlx::query(
+            "UPDATE deliveries SET state = ?, attempts = attempts + 1, last_status = ?, last_error = ?, \
+             next_attempt = COALESCE(?, next_attempt), complete_time = ?, payload = COALESCE(payload, ?), \
+             lease_owner = NULL, lease_until = NULL, update_time = ? WHERE id = ? AND lease_owner = ? AND state = 'pending'",
+        )
+        .bind(state)
+        .bind(status.map(i64::from))
+        .bind(error)
+        .bind(next)
+        .bind(complete)
+        .bind(payload)
+        .bind(now)
+        .bind(id)
+        .bind(owner)
+        .execute(&self.write)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn list_deliveries(
+        &self,
+        state: Option<DeliveryState>,
+        limit: i64,
+    ) -> Result<Vec<DeliveryRecord>> {
+        let rows = sqlx::query(
+            "SELECT * FROM deliveries WHERE (?1 IS NULL OR state = ?1) ORDER BY update_time DESC, id DESC LIMIT ?2",
+        )
+        .bind(state.map(|s| s.as_str()))
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(delivery_from_row).collect()
+    }
+
+    async fn redeliver(&self, id: &str, now: Millis) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt = ?, lease_owner = NULL, \
+             lease_until = NULL, complete_time = NULL, update_time = ? WHERE id = ?",
+        )
+        .bind(now)
+        .bind(now)
+        .bind(id)
+        .execute(&self.write)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn deliveries_of(&self, task_id: &TaskId) -> Result<Vec<DeliveryRecord>> {
+        let rows = sqlx::query("SELECT * FROM deliveries WHERE task_id = ? ORDER BY create_time")
+            .bind(task_id.to_string())
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(delivery_from_row).collect()
+    }
 }
 
 /// Moves a live task to `fail` and refunds what it had consumed, inside the caller's
@@ -668,5 +794,52 @@ async fn fail_in_tx(
         .bind(&account_id)
         .execute(&mut **tx)
         .await?;
+    enqueue_callback_in_tx(tx, id, now).await?;
     Ok(refund)
+}
+
+/// Records the callback of a task that just became terminal, in the same transaction,
+/// when the task has a callback URL. The balance is read after any refund.
+async fn enqueue_callback_in_tx(
+    tx: &mut sqlx::Transaction<'static, sqlx::Sqlite>,
+    id: &TaskId,
+    now: Millis,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO deliveries (id, task_id, account_id, url, remained_credits, state, next_attempt, create_time, update_time) \
+         SELECT ?, t.id, t.account_id, t.callback_url, a.credits, 'pending', ?, ?, ? \
+         FROM tasks t JOIN accounts a ON a.id = t.account_id WHERE t.id = ? AND t.callback_url IS NOT NULL",
+    )
+    .bind(format!("msg_{}", uuid::Uuid::now_v7().simple()))
+    .bind(now)
+    .bind(now)
+    .bind(now)
+    .bind(id.to_string())
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+fn delivery_from_row(row: &SqliteRow) -> Result<DeliveryRecord> {
+    let task_id: String = row.try_get("task_id")?;
+    let state: String = row.try_get("state")?;
+    Ok(DeliveryRecord {
+        id: row.try_get("id")?,
+        task_id: task_id
+            .parse()
+            .map_err(|_| corrupt(format!("task id {task_id:?}")))?,
+        account_id: row.try_get("account_id")?,
+        url: row.try_get("url")?,
+        remained_credits: row.try_get("remained_credits")?,
+        payload: row.try_get("payload")?,
+        state: DeliveryState::parse(&state)
+            .ok_or_else(|| corrupt(format!("delivery state {state:?}")))?,
+        attempts: row.try_get("attempts")?,
+        next_attempt: row.try_get("next_attempt")?,
+        last_status: row.try_get("last_status")?,
+        last_error: row.try_get("last_error")?,
+        create_time: row.try_get("create_time")?,
+        update_time: row.try_get("update_time")?,
+        complete_time: row.try_get("complete_time")?,
+    })
 }

@@ -345,3 +345,133 @@ pub fn task_body(base_url: &str, character_url: &str, extra: Value) -> Value {
     }
     json!({"model": "ideogram/character-remix", "input": input})
 }
+
+/// One request a [`Receiver`] saw.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub path: String,
+    pub headers: HashMap<String, String>,
+    pub body: Bytes,
+    /// Unix milliseconds when it arrived.
+    pub at_ms: i64,
+}
+
+impl Received {
+    pub fn header(&self, name: &str) -> &str {
+        self.headers.get(name).map(String::as_str).unwrap_or("")
+    }
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).expect("callback body is JSON")
+    }
+}
+
+#[derive(Default)]
+struct Inbox {
+    seen: Mutex<Vec<Received>>,
+    /// Failures still to answer, per webhook-id, on `/flaky/{n}`.
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+/// A callback receiver on 127.0.0.1 that records what arrives. Routes:
+/// `/ok` (200), `/flaky/{n}` (500 for the first n attempts of each webhook-id, then
+/// 200), `/gone` (410), `/hang` (never answers within a minute), `/redirect` (302 to
+/// `/ok`), `/status/{code}`.
+#[derive(Clone)]
+pub struct Receiver {
+    pub base: String,
+    inbox: Arc<Inbox>,
+}
+
+impl Receiver {
+    pub async fn start() -> Self {
+        let inbox = Arc::new(Inbox::default());
+        let app = axum::Router::new()
+            .route("/{*path}", axum::routing::post(receive))
+            .with_state(inbox.clone());
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind receiver");
+        let base = format!("http://{}", l.local_addr().expect("addr"));
+        tokio::spawn(async move {
+            let _ = axum::serve(l, app).await;
+        });
+        Self { base, inbox }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}/{}", self.base, path.trim_start_matches('/'))
+    }
+
+    /// Everything received so far, in arrival order.
+    pub fn seen(&self) -> Vec<Received> {
+        self.inbox.seen.lock().unwrap().clone()
+    }
+
+    /// Waits until `n` requests have arrived (at most `timeout`); returns them.
+    pub async fn wait_for(&self, n: usize, timeout: Duration) -> Vec<Received> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let seen = self.seen();
+            if seen.len() >= n {
+                return seen;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "receiver got {} of {n} requests in {timeout:?}",
+                seen.len()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+async fn receive(
+    State(inbox): State<Arc<Inbox>>,
+    Path(path): Path<String>,
+    headers: axum::http::HeaderMap,
+    body: Bytes,
+) -> Response {
+    let headers: HashMap<String, String> = headers
+        .iter()
+        .map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or("").to_string()))
+        .collect();
+    let id = headers.get("webhook-id").cloned().unwrap_or_default();
+    inbox.seen.lock().unwrap().push(Received {
+        path: path.clone(),
+        headers,
+        body,
+        at_ms: now_ms(),
+    });
+    let mut parts = path.split('/');
+    match (parts.next().unwrap_or(""), parts.next()) {
+        ("ok", _) => StatusCode::OK.into_response(),
+        ("flaky", Some(n)) => {
+            let n: u32 = n.parse().unwrap_or(1);
+            let mut f = inbox.failures.lock().unwrap();
+            let left = f.entry(id).or_insert(n);
+            if *left > 0 {
+                *left -= 1;
+                StatusCode::INTERNAL_SERVER_ERROR.into_response()
+            } else {
+                StatusCode::NO_CONTENT.into_response()
+            }
+        }
+        ("gone", _) => StatusCode::GONE.into_response(),
+        ("hang", _) => {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            StatusCode::OK.into_response()
+        }
+        ("redirect", _) => (StatusCode::FOUND, [(header::LOCATION, "/ok")]).into_response(),
+        ("status", Some(code)) => StatusCode::from_u16(code.parse().unwrap_or(500))
+            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+            .into_response(),
+        _ => StatusCode::NOT_FOUND.into_response(),
+    }
+}

@@ -73,6 +73,7 @@ pub(crate) async fn run_one(ctx: &Arc<Ctx>) -> Result<bool, StoreError> {
                     return Ok(true);
                 }
                 tracing::info!(task = %id, "task succeeded");
+                ctx.wake.task_finished();
             }
             Err(e) => {
                 tracing::warn!(task = %id, error = %e, "could not store results");
@@ -137,6 +138,7 @@ async fn finish_fail(
     ctx.store
         .fail(&task.id, Some(&ctx.cfg.owner), code, msg, now_millis())
         .await?;
+    ctx.wake.task_finished();
     Ok(())
 }
 

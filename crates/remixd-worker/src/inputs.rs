@@ -106,6 +106,7 @@ pub(crate) async fn run_one(ctx: &Arc<Ctx>) -> Result<bool, remixd_store::StoreE
                     now_millis(),
                 )
                 .await?;
+            ctx.wake.task_finished();
             let _ = ctx.blobs.delete_prefix(&format!("inputs/{id}")).await;
         }
         Some(Err(FetchFailure::Ours(msg))) => {
@@ -121,6 +122,7 @@ pub(crate) async fn run_one(ctx: &Arc<Ctx>) -> Result<bool, remixd_store::StoreE
                         now_millis(),
                     )
                     .await?;
+                ctx.wake.task_finished();
             } else {
                 let later = now_millis() + ctx.cfg.retry_delay.as_millis() as i64;
                 ctx.store

@@ -19,6 +19,7 @@
 //! finish, after which the engine is cancelled and the task released, uncharged, for
 //! the next worker.
 
+pub mod callbacks;
 mod generate;
 mod inputs;
 mod lease;
@@ -84,6 +85,7 @@ impl Default for WorkerConfig {
 pub struct Wakeup {
     fetch: Arc<Notify>,
     generate: Arc<Notify>,
+    deliveries: Arc<Notify>,
 }
 
 impl Wakeup {
@@ -93,6 +95,14 @@ impl Wakeup {
     }
     fn inputs_ready(&self) {
         self.generate.notify_one();
+    }
+    /// A task became terminal (its callback, if any, is due).
+    pub fn task_finished(&self) {
+        self.deliveries.notify_one();
+    }
+    /// What the callback deliverer waits on.
+    pub fn deliveries(&self) -> Arc<Notify> {
+        self.deliveries.clone()
     }
 }
 
@@ -193,6 +203,9 @@ async fn reaper(ctx: Arc<Ctx>, shutdown: CancellationToken) {
             Ok(r) => {
                 for id in &r.requeued {
                     tracing::warn!(task = %id, "lease lapsed; task returned to its queue");
+                }
+                if !r.failed.is_empty() {
+                    ctx.wake.task_finished();
                 }
                 for id in &r.failed {
                     tracing::warn!(task = %id, "lease lapsed with no attempts left; task failed");

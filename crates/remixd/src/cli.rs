@@ -48,6 +48,9 @@ pub enum Command {
     /// Callback signing secrets.
     #[command(subcommand)]
     Webhooks(WebhooksCmd),
+    /// Callback deliveries: list them, redeliver one.
+    #[command(subcommand)]
+    Deliveries(DeliveriesCmd),
     /// Show configuration.
     #[command(subcommand)]
     Config(ConfigCmd),
@@ -116,6 +119,20 @@ pub enum WebhooksCmd {
         #[arg(long)]
         account: String,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DeliveriesCmd {
+    /// List deliveries, newest first.
+    List {
+        /// Only deliveries in this state: pending, delivered or failed.
+        #[arg(long)]
+        state: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+    },
+    /// Send a delivery again, now, with a fresh retry schedule.
+    Redeliver { delivery_id: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -249,8 +266,50 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("revoked {key_id}");
             Ok(())
         }
-        Command::Webhooks(WebhooksCmd::Secret { .. }) => {
-            anyhow::bail!("callback signing secrets arrive with callbacks; this build has none yet")
+        Command::Webhooks(WebhooksCmd::Secret { account }) => {
+            let store = open_store(&settings).await?;
+            let secret = remixd_worker::callbacks::new_secret();
+            store.set_webhook_secret(&account, &secret).await?;
+            println!("{secret}");
+            Ok(())
+        }
+        Command::Deliveries(DeliveriesCmd::List { state, limit }) => {
+            let state =
+                match state.as_deref() {
+                    None => None,
+                    Some(s) => Some(remixd_store::DeliveryState::parse(s).with_context(|| {
+                        format!("--state {s:?}: use pending, delivered or failed")
+                    })?),
+                };
+            let store = open_store(&settings).await?;
+            println!(
+                "{:<36}  {:<32}  {:<9}  {:>8}  {:>6}  {:<40}  LAST ERROR",
+                "DELIVERY ID", "TASK", "STATE", "ATTEMPTS", "STATUS", "URL"
+            );
+            for d in store.list_deliveries(state, limit).await? {
+                println!(
+                    "{:<36}  {:<32}  {:<9}  {:>8}  {:>6}  {:<40}  {}",
+                    d.id,
+                    d.task_id,
+                    d.state.as_str(),
+                    d.attempts,
+                    d.last_status
+                        .map(|s| s.to_string())
+                        .unwrap_or_else(|| "-".into()),
+                    d.url,
+                    d.last_error
+                );
+            }
+            Ok(())
+        }
+        Command::Deliveries(DeliveriesCmd::Redeliver { delivery_id }) => {
+            let store = open_store(&settings).await?;
+            anyhow::ensure!(
+                store.redeliver(&delivery_id, now_millis()).await?,
+                "no delivery with id {delivery_id:?}"
+            );
+            println!("{delivery_id} queued for delivery now");
+            Ok(())
         }
         Command::Config(ConfigCmd::Show) => {
             settings.check()?;

@@ -21,6 +21,7 @@ use remixd_domain::{now_millis, KeyLimits};
 use remixd_engine::{Engine, PreviewEngine};
 use remixd_fetch::{FetchConfig, Fetcher};
 use remixd_store::{Blobs, SqliteStore, Store};
+use remixd_worker::callbacks::{CallbackConfig, Deliverer, PayloadFn};
 use remixd_worker::{Wakeup, Worker, WorkerConfig};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -167,6 +168,7 @@ pub async fn launch_with_listener(
             public_url: public_url.clone(),
             ..WorkerConfig::default()
         };
+        let owner = cfg.owner.clone();
         Worker::new(
             store.clone(),
             blobs.clone(),
@@ -174,6 +176,28 @@ pub async fn launch_with_listener(
             engine.clone(),
             cfg,
             wake.clone(),
+        )
+        .spawn(&tracker, shutdown.clone());
+        let c = &settings.callbacks;
+        let cb = CallbackConfig {
+            timeout: Duration::from_secs_f64(c.timeout_s),
+            schedule: c
+                .retry_schedule_ms
+                .iter()
+                .map(|ms| Duration::from_millis(*ms))
+                .collect(),
+            concurrency: c.concurrency,
+            poll_interval: Duration::from_millis(w.poll_ms),
+            ..CallbackConfig::default()
+        };
+        let payload: PayloadFn = Arc::new(remixd_api::wire::callback_body);
+        Deliverer::new(
+            store.clone(),
+            fetcher.clone(),
+            cb,
+            payload,
+            owner,
+            wake.deliveries(),
         )
         .spawn(&tracker, shutdown.clone());
     }

@@ -213,12 +213,24 @@ pub struct ApiSettings {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct CallbackSettings {
-    pub timeout_s: u64,
+    /// Limit of one delivery attempt.
+    pub timeout_s: f64,
+    /// Delays before each retry, in milliseconds; after the last the delivery is given up.
+    pub retry_schedule_ms: Vec<u64>,
+    /// Delivery attempts in flight at once.
+    pub concurrency: usize,
 }
 
 impl Default for CallbackSettings {
     fn default() -> Self {
-        Self { timeout_s: 15 }
+        Self {
+            timeout_s: 15.0,
+            retry_schedule_ms: remixd_worker::callbacks::DEFAULT_SCHEDULE_S
+                .iter()
+                .map(|s| s * 1000)
+                .collect(),
+            concurrency: 32,
+        }
     }
 }
 

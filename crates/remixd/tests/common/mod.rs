@@ -46,6 +46,18 @@ impl TestServer {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut settings = test_settings(dir.path());
         tweak(&mut settings);
+        Self::launch(dir, settings).await
+    }
+
+    /// Stops this server and starts another on the same data directory and settings.
+    pub async fn restart(self) -> Self {
+        let (dir, settings) = (self.dir, self.settings.clone());
+        self.shutdown.cancel();
+        self.handle.await.expect("join").expect("server result");
+        Self::launch(dir, settings).await
+    }
+
+    async fn launch(dir: tempfile::TempDir, settings: Settings) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
