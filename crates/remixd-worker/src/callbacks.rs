@@ -167,8 +167,11 @@ impl Deliverer {
                     }
                 }
                 if claimed > 0 && claimed as i64 == free {
-                    // Possibly more due: wait only for a free permit.
-                    let _ = permits.acquire().await.map(drop);
+                    // Possibly more due. Claim again once a quarter of the permits are
+                    // free: batches keep the claim queries few, and a few hanging
+                    // receivers (each holding one permit) cannot stall the rest.
+                    let quarter = (me.cfg.concurrency / 4).max(1) as u32;
+                    let _ = permits.acquire_many(quarter).await.map(drop);
                     continue;
                 }
                 tokio::select! {

@@ -151,6 +151,12 @@ pub enum BenchCmd {
         #[arg(long, default_value_t = 20)]
         iterations: u32,
     },
+    /// Callback latency (completion to receipt) and deliveries per second, on loopback.
+    Callbacks {
+        /// Tasks in the latency run; the throughput run uses four times as many.
+        #[arg(long, default_value_t = 300)]
+        tasks: usize,
+    },
 }
 
 /// Runs one command; the caller prints errors and sets the exit status.
@@ -323,7 +329,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Demo { out } => crate::demo::run(settings, &out).await,
         Command::Bench(BenchCmd::Preview { size, iterations }) => {
-            crate::demo::bench_preview(&size, iterations)
+            crate::bench::preview(&size, iterations)
+        }
+        Command::Bench(BenchCmd::Callbacks { tasks }) => {
+            crate::bench::callbacks(settings, tasks).await
         }
     }
 }

@@ -1,4 +1,4 @@
-//! `remixd demo` and `remixd bench preview`.
+//! `remixd demo`.
 //!
 //! The demo is a real client run against a real server: it starts remixd on a free
 //! loopback port with a throw-away data directory, serves the bundled sample images
@@ -17,12 +17,12 @@ use tokio_util::sync::CancellationToken;
 use crate::settings::Settings;
 use crate::Role;
 
-const BASE: &[u8] = include_bytes!("../../../assets/coffee.webp");
-const CHARACTER: &[u8] = include_bytes!("../../../assets/astronaut.webp");
-const MASK: &[u8] = include_bytes!("../../../assets/astronaut_mask.png");
+pub(crate) const BASE: &[u8] = include_bytes!("../../../assets/coffee.webp");
+pub(crate) const CHARACTER: &[u8] = include_bytes!("../../../assets/astronaut.webp");
+pub(crate) const MASK: &[u8] = include_bytes!("../../../assets/astronaut_mask.png");
 
 /// Serves the bundled samples on 127.0.0.1; returns the base URL.
-async fn serve_samples(shutdown: CancellationToken) -> anyhow::Result<String> {
+pub(crate) async fn serve_samples(shutdown: CancellationToken) -> anyhow::Result<String> {
     let app = axum::Router::new()
         .route(
             "/coffee.webp",
@@ -177,56 +177,5 @@ async fn drive(base: &str, samples: &str, settings: &Settings, out: &Path) -> an
         "the task failed: {}",
         record["failMsg"]
     );
-    Ok(())
-}
-
-/// Prints the preview engine's time per image (render, and PNG encoding apart).
-pub fn bench_preview(size: &str, iterations: u32) -> anyhow::Result<()> {
-    use remixd_domain::{ImageSize, NumImages, RenderingSpeed, Seed, Strength, Style};
-    let size = ImageSize::parse(size).map_err(|e| anyhow::anyhow!("--size {e}"))?;
-    let decode =
-        |b: &[u8]| remixd_fetch::decode_rgb(b, 40_000_000).map_err(|e| anyhow::anyhow!("{e}"));
-    for speed in [
-        RenderingSpeed::Turbo,
-        RenderingSpeed::Balanced,
-        RenderingSpeed::Quality,
-    ] {
-        let job = remixd_engine::Job {
-            task_id: "bench".into(),
-            base: decode(BASE)?,
-            character: decode(CHARACTER)?,
-            mask: Some(
-                remixd_fetch::decode_luma(MASK, 40_000_000).map_err(|e| anyhow::anyhow!("{e}"))?,
-            ),
-            style_images: vec![],
-            prompt: "bench".into(),
-            negative_prompt: String::new(),
-            expand_prompt: false,
-            size,
-            num_images: NumImages::new(1).expect("1 is valid"),
-            seed: Seed::new(1).expect("1 is valid"),
-            strength: Strength::new(0.8).expect("0.8 is valid"),
-            style: Style::Auto,
-            rendering_speed: speed,
-        };
-        let _ = remixd_engine::preview::render(&job, 0); // warm-up
-        let t = Instant::now();
-        let mut img = None;
-        for i in 0..iterations {
-            img = Some(remixd_engine::preview::render(&job, i));
-        }
-        let render_ms = t.elapsed().as_secs_f64() * 1000.0 / iterations as f64;
-        let img = img.context("at least one iteration")?;
-        let t = Instant::now();
-        for _ in 0..iterations {
-            std::hint::black_box(remixd_engine::preview::encode_png(&img));
-        }
-        let encode_ms = t.elapsed().as_secs_f64() * 1000.0 / iterations as f64;
-        let (w, h) = size.dimensions();
-        println!(
-            "preview {w}x{h} {:<8} render {render_ms:7.2} ms/image   png encode {encode_ms:7.2} ms/image   ({iterations} iterations, one core)",
-            speed.as_str()
-        );
-    }
     Ok(())
 }

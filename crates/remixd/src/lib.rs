@@ -7,6 +7,7 @@
 //! shutdown token fires, then drains everything in order (stop accepting, finish or
 //! release work in hand).
 
+pub mod bench;
 pub mod cli;
 pub mod demo;
 pub mod settings;
