@@ -77,6 +77,7 @@ pub async fn create_task(
         })?;
     let body = json_body(&state, &headers, body).await?;
     let req = validate::create_request(&body, || rand::thread_rng().gen())?;
+    let idempotency = idempotency(&headers, &req.param)?;
     let cost = state
         .cfg
         .prices
@@ -94,16 +95,26 @@ pub async fn create_task(
             callback_url: req.callback_url,
             cost,
             now: now_millis(),
+            idempotency,
         })
         .await?;
     match outcome {
         CreateOutcome::Created { .. } => {
             tracing::info!(task = %id, account = %caller.account_id, cost, "task created");
-            (state.on_created)();
+            (state.hooks.created)();
             Ok(ok(Created {
                 task_id: id.to_string(),
             }))
         }
+        CreateOutcome::Existing { task_id } => {
+            tracing::info!(task = %task_id, "idempotent replay of createTask");
+            Ok(ok(Created {
+                task_id: task_id.to_string(),
+            }))
+        }
+        CreateOutcome::IdempotencyConflict => Err(ApiError::validation(
+            "Idempotency-Key was already used with a different request body",
+        )),
         CreateOutcome::InsufficientCredits { balance } => Err(ApiError::InsufficientCredits(
             format!("insufficient credits: the task costs {cost}, the balance is {balance}"),
         )),
@@ -133,41 +144,17 @@ pub async fn record_info(
     headers: HeaderMap,
     RawQuery(q): RawQuery,
 ) -> AppResult<Json<Envelope<RecordInfo>>> {
-    state.check_enabled("recordInfo")?;
-    let caller = authenticate(&*state.store, &headers).await?;
-    state
-        .limits
-        .check_query(&caller.key_id)
-        .map_err(|secs| ApiError::RateLimited {
-            msg: "too many queries; slow down".into(),
-            retry_after_s: secs,
-        })?;
-    let task_id = query_param(&q, "taskId")
-        .filter(|s| !s.is_empty())
-        .ok_or_else(|| ApiError::validation("taskId is required"))?;
-    let not_found = || ApiError::NotFound("Task not found".into());
-    let id: TaskId = task_id.parse().map_err(|_| not_found())?;
-    let task = state
-        .store
-        .get_task(&id, &caller.account_id)
-        .await?
-        .ok_or_else(not_found)?;
-    Ok(ok(RecordInfo::from(task)))
+    let caller = querying_caller(&state, &headers, "recordInfo").await?;
+    Ok(ok(RecordInfo::from(
+        caller_task(&state, &caller, &q).await?,
+    )))
 }
 
 pub async fn credit(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
 ) -> AppResult<Json<Envelope<i64>>> {
-    state.check_enabled("credit")?;
-    let caller = authenticate(&*state.store, &headers).await?;
-    state
-        .limits
-        .check_query(&caller.key_id)
-        .map_err(|secs| ApiError::RateLimited {
-            msg: "too many queries; slow down".into(),
-            retry_after_s: secs,
-        })?;
+    let caller = querying_caller(&state, &headers, "credit").await?;
     Ok(ok(state.store.balance(&caller.account_id).await?))
 }
 
@@ -265,4 +252,162 @@ pub async fn not_found(method: Method, uri: Uri) -> ApiError {
 
 pub async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
     ApiError::NotFound(format!("no route for {method} {}", uri.path()))
+}
+
+/// Reads `Idempotency-Key`: 1 to 255 visible ASCII characters, hashed with the body.
+fn idempotency(headers: &HeaderMap, param: &str) -> AppResult<Option<remixd_store::Idempotency>> {
+    let Some(v) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let key = v
+        .to_str()
+        .ok()
+        .filter(|k| (1..=255).contains(&k.len()) && k.bytes().all(|b| b.is_ascii_graphic()))
+        .ok_or_else(|| {
+            ApiError::validation("Idempotency-Key must be 1 to 255 visible ASCII characters")
+        })?;
+    use sha2::Digest;
+    let body_hash = hex::encode(sha2::Sha256::digest(param.as_bytes()));
+    Ok(Some(remixd_store::Idempotency {
+        key: key.to_string(),
+        body_hash,
+    }))
+}
+
+/// The `taskId` query parameter, resolved to a task of the caller's account.
+async fn caller_task(
+    state: &AppState,
+    caller: &crate::auth::Caller,
+    q: &Option<String>,
+) -> AppResult<remixd_store::TaskRecord> {
+    let task_id = query_param(q, "taskId")
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| ApiError::validation("taskId is required"))?;
+    let not_found = || ApiError::NotFound("Task not found".into());
+    let id: TaskId = task_id.parse().map_err(|_| not_found())?;
+    state
+        .store
+        .get_task(&id, &caller.account_id)
+        .await?
+        .ok_or_else(not_found)
+}
+
+/// `POST /api/v1/jobs/cancel?taskId=`: a live task ends `fail` with failCode 499, refunded.
+pub async fn cancel(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    RawQuery(q): RawQuery,
+) -> AppResult<Json<Envelope<RecordInfo>>> {
+    let caller = querying_caller(&state, &headers, "cancel").await?;
+    let task = caller_task(&state, &caller, &q).await?;
+    let already = |s: &str| {
+        ApiError::validation(format!(
+            "taskId {} is already {s} and cannot be cancelled",
+            task.id
+        ))
+    };
+    if task.state.is_terminal() {
+        return Err(already(task.state.as_str()));
+    }
+    match state
+        .store
+        .fail(
+            &task.id,
+            None,
+            remixd_domain::FailCode::Cancelled,
+            "cancelled by the client",
+            now_millis(),
+        )
+        .await?
+    {
+        remixd_store::Finish::Done { refunded } => {
+            tracing::info!(task = %task.id, refunded, "task cancelled");
+            (state.hooks.cancelled)(&task.id);
+        }
+        remixd_store::Finish::NotOwner => {
+            let now = state
+                .store
+                .task(&task.id)
+                .await?
+                .map(|t| t.state.as_str())
+                .unwrap_or("gone");
+            return Err(already(now));
+        }
+    }
+    let task = state
+        .store
+        .task(&task.id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound("Task not found".into()))?;
+    Ok(ok(RecordInfo::from(task)))
+}
+
+/// `GET /api/v1/jobs/stream?taskId=`: Server-Sent Events, one `task` event per change of
+/// state or progress (its data is the recordInfo object), closing after a terminal state.
+///
+/// Each stream polls the database (every 200 ms), so it works whichever node runs the
+/// task; the query limit is charged once, when the stream opens.
+pub async fn stream(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    RawQuery(q): RawQuery,
+) -> AppResult<
+    axum::response::sse::Sse<
+        impl futures::Stream<Item = Result<axum::response::sse::Event, std::convert::Infallible>>,
+    >,
+> {
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    let caller = querying_caller(&state, &headers, "stream").await?;
+    let first = caller_task(&state, &caller, &q).await?;
+    let id = first.id;
+    let events = futures::stream::unfold(
+        (Some(first), None::<(&'static str, u8)>, false),
+        move |(mut next, last, done)| {
+            let state = state.clone();
+            async move {
+                if done {
+                    return None;
+                }
+                loop {
+                    let task = match next.take() {
+                        Some(t) => t,
+                        None => {
+                            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                            state.store.task(&id).await.ok().flatten()?
+                        }
+                    };
+                    let key = (task.state.as_str(), task.progress);
+                    if Some(key) == last {
+                        continue;
+                    }
+                    let terminal = task.state.is_terminal();
+                    let event = Event::default()
+                        .event("task")
+                        .json_data(RecordInfo::from(task))
+                        .ok()?;
+                    return Some((Ok(event), (None, Some(key), terminal)));
+                }
+            }
+        },
+    );
+    Ok(Sse::new(events).keep_alive(KeepAlive::default()))
+}
+
+/// The common gate of the query endpoints: enabled (505), authenticated (401), within
+/// the key's query rate (429).
+async fn querying_caller(
+    state: &AppState,
+    headers: &HeaderMap,
+    endpoint: &str,
+) -> AppResult<crate::auth::Caller> {
+    state.check_enabled(endpoint)?;
+    let caller = authenticate(&*state.store, headers).await?;
+    state
+        .limits
+        .check_query(&caller.key_id)
+        .map_err(|secs| ApiError::RateLimited {
+            msg: "too many queries; slow down".into(),
+            retry_after_s: secs,
+        })?;
+    Ok(caller)
 }

@@ -42,7 +42,7 @@ pub enum ErrorHttpStatus {
 }
 
 /// Endpoint names for `api.disabled`.
-pub const ENDPOINTS: [&str; 3] = ["createTask", "recordInfo", "credit"];
+pub const ENDPOINTS: [&str; 5] = ["createTask", "recordInfo", "credit", "cancel", "stream"];
 
 /// The API's settings.
 #[derive(Debug, Clone)]
@@ -72,8 +72,23 @@ impl Default for ApiConfig {
     }
 }
 
-/// Called after a task is created, to wake a worker in this process.
-pub type OnCreated = Arc<dyn Fn() + Send + Sync>;
+/// What the API tells the rest of its process (the binary wires these to the workers).
+#[derive(Clone)]
+pub struct Hooks {
+    /// A task was created: wake a fetch worker.
+    pub created: Arc<dyn Fn() + Send + Sync>,
+    /// A task was cancelled (already failed in the store): stop its work, send its callback.
+    pub cancelled: Arc<dyn Fn(&remixd_domain::TaskId) + Send + Sync>,
+}
+
+impl Default for Hooks {
+    fn default() -> Self {
+        Self {
+            created: Arc::new(|| {}),
+            cancelled: Arc::new(|_| {}),
+        }
+    }
+}
 
 /// What every handler shares.
 pub struct AppState {
@@ -82,7 +97,7 @@ pub struct AppState {
     pub engine: Arc<dyn Engine>,
     pub cfg: ApiConfig,
     pub limits: Limits,
-    pub on_created: OnCreated,
+    pub hooks: Hooks,
 }
 
 impl AppState {
@@ -91,7 +106,7 @@ impl AppState {
         blobs: Blobs,
         engine: Arc<dyn Engine>,
         cfg: ApiConfig,
-        on_created: OnCreated,
+        hooks: Hooks,
     ) -> Self {
         let limits = Limits::new(cfg.create_per_10s, cfg.query_per_s);
         Self {
@@ -100,7 +115,7 @@ impl AppState {
             engine,
             cfg,
             limits,
-            on_created,
+            hooks,
         }
     }
 
@@ -120,6 +135,8 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/api/v1/jobs/createTask", post(handlers::create_task))
         .route("/api/v1/jobs/recordInfo", get(handlers::record_info))
+        .route("/api/v1/jobs/cancel", post(handlers::cancel))
+        .route("/api/v1/jobs/stream", get(handlers::stream))
         .route("/api/v1/chat/credit", get(handlers::credit))
         .route("/healthz", get(handlers::healthz))
         .route("/readyz", get(handlers::readyz))

@@ -9,7 +9,8 @@ use remixd_domain::{
 };
 
 use crate::{
-    AttemptOutcome, CreateOutcome, DeliveryState, Finish, KeyCap, NewKey, NewTask, Stage, Store,
+    AttemptOutcome, CreateOutcome, DeliveryState, Finish, Idempotency, KeyCap, NewKey, NewTask,
+    Stage, Store,
 };
 
 /// A valid input for tests.
@@ -73,6 +74,7 @@ pub fn new_task(account: &str, key: &str, cost: i64, now: i64) -> NewTask {
         callback_url: None,
         cost,
         now,
+        idempotency: None,
     }
 }
 
@@ -89,6 +91,7 @@ where
     cross_account_reads(&*make().await).await;
     release_and_retry_delay(&*make().await).await;
     callback_outbox(&*make().await).await;
+    idempotency_keys(make().await).await;
 }
 
 pub async fn reservation_and_refund(s: &dyn Store) {
@@ -524,4 +527,64 @@ pub async fn callback_outbox(s: &dyn Store) {
         Some("whsec_abc")
     );
     assert!(s.set_webhook_secret("nobody", "x").await.is_err());
+}
+
+pub async fn idempotency_keys(s: Arc<dyn Store>) {
+    let (acct, key) = account_with_key(&*s, "idem", 100, KeyLimits::default()).await;
+    let idem = |k: &str, h: &str| {
+        Some(Idempotency {
+            key: k.into(),
+            body_hash: h.into(),
+        })
+    };
+    let mut first = new_task(&acct, &key, 18, 1000);
+    first.idempotency = idem("k1", "h1");
+    assert!(matches!(
+        s.create_task(first.clone()).await.unwrap(),
+        CreateOutcome::Created { .. }
+    ));
+    // Same key and body: the first task, no second charge.
+    let mut again = new_task(&acct, &key, 18, 2000);
+    again.idempotency = idem("k1", "h1");
+    assert_eq!(
+        s.create_task(again.clone()).await.unwrap(),
+        CreateOutcome::Existing { task_id: first.id }
+    );
+    assert!(s.task(&again.id).await.unwrap().is_none());
+    assert_eq!(s.balance(&acct).await.unwrap(), 82);
+    // Same key, other body: refused.
+    let mut other = new_task(&acct, &key, 18, 3000);
+    other.idempotency = idem("k1", "h2");
+    assert_eq!(
+        s.create_task(other).await.unwrap(),
+        CreateOutcome::IdempotencyConflict
+    );
+    // After 24 h the key is free again.
+    let mut later = new_task(&acct, &key, 18, 1000 + crate::IDEMPOTENCY_WINDOW_MS + 1);
+    later.idempotency = idem("k1", "h2");
+    assert!(matches!(
+        s.create_task(later).await.unwrap(),
+        CreateOutcome::Created { .. }
+    ));
+    // Under concurrency: one task, one charge.
+    let mut joins = Vec::new();
+    for _ in 0..12 {
+        let s = s.clone();
+        let mut t = new_task(&acct, &key, 18, 5000);
+        t.idempotency = idem("race", "h");
+        joins.push(tokio::spawn(async move { s.create_task(t).await.unwrap() }));
+    }
+    let mut created = 0;
+    let mut ids = std::collections::HashSet::new();
+    for j in joins {
+        match j.await.unwrap() {
+            CreateOutcome::Created { .. } => created += 1,
+            CreateOutcome::Existing { task_id } => {
+                ids.insert(task_id);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!((created, ids.len()), (1, 1));
+    assert_eq!(s.balance(&acct).await.unwrap(), 100 - 18 * 3);
 }

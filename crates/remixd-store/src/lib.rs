@@ -130,7 +130,19 @@ pub struct NewTask {
     pub callback_url: Option<String>,
     pub cost: i64,
     pub now: Millis,
+    /// `Idempotency-Key` and a hash of the request body, when the client sent a key.
+    pub idempotency: Option<Idempotency>,
 }
+
+/// An idempotent create: the key, and what the body hashed to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Idempotency {
+    pub key: String,
+    pub body_hash: String,
+}
+
+/// How long an idempotency key holds.
+pub const IDEMPOTENCY_WINDOW_MS: Millis = 24 * 3_600_000;
 
 /// Which cap of a key was hit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -159,6 +171,10 @@ pub enum CreateOutcome {
     InsufficientCredits { balance: i64 },
     /// The key would pass one of its caps; nothing was written.
     KeyLimit { cap: KeyCap, limit: i64, used: i64 },
+    /// The same Idempotency-Key and body were seen within the window: that task, no charge.
+    Existing { task_id: TaskId },
+    /// The Idempotency-Key was used with a different body within the window.
+    IdempotencyConflict,
 }
 
 /// The two queue stages a worker claims from.

@@ -331,6 +331,27 @@ impl Store for SqliteStore {
         let input = serde_json::to_string(&t.input).map_err(|e| corrupt(format!("input: {e}")))?;
         let mut tx = self.begin().await?;
 
+        if let Some(idem) = &t.idempotency {
+            let seen: Option<(String, String, i64)> = sqlx::query_as(
+                "SELECT body_hash, task_id, create_time FROM idempotency_keys WHERE account_id = ? AND key = ?",
+            )
+            .bind(&t.account_id)
+            .bind(&idem.key)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if let Some((hash, task_id, at)) = seen {
+                if at > t.now - crate::IDEMPOTENCY_WINDOW_MS {
+                    if hash != idem.body_hash {
+                        return Ok(CreateOutcome::IdempotencyConflict);
+                    }
+                    let task_id = task_id
+                        .parse()
+                        .map_err(|_| corrupt(format!("task id {task_id:?}")))?;
+                    return Ok(CreateOutcome::Existing { task_id });
+                }
+            }
+        }
+
         // The key's caps count credits charged through the key (refunded tasks count 0).
         let limits: Option<(Option<i64>, Option<i64>, Option<i64>)> = sqlx::query_as(
             "SELECT hourly_limit, daily_limit, total_limit FROM api_keys WHERE id = ?",
@@ -392,6 +413,20 @@ impl Store for SqliteStore {
         .bind(t.now)
         .execute(&mut *tx)
         .await?;
+        if let Some(idem) = &t.idempotency {
+            sqlx::query(
+                "INSERT INTO idempotency_keys (account_id, key, body_hash, task_id, create_time) VALUES (?, ?, ?, ?, ?) \
+                 ON CONFLICT (account_id, key) DO UPDATE SET body_hash = excluded.body_hash, \
+                 task_id = excluded.task_id, create_time = excluded.create_time",
+            )
+            .bind(&t.account_id)
+            .bind(&idem.key)
+            .bind(&idem.body_hash)
+            .bind(t.id.to_string())
+            .bind(t.now)
+            .execute(&mut *tx)
+            .await?;
+        }
         tx.commit().await?;
         Ok(CreateOutcome::Created { balance })
     }

@@ -39,6 +39,8 @@ pub(crate) async fn run_one(ctx: &Arc<Ctx>) -> Result<bool, StoreError> {
     let done = CancellationToken::new();
     let lost = CancellationToken::new();
     spawn_heartbeat(ctx, id, done.clone(), lost.clone());
+    // A cancellation marks the task failed in the store; to this worker it is a lost lease.
+    let _tracked = ctx.wake.track(task.id, lost.clone());
     // The engine stops when the lease is lost or shutdown runs out of grace.
     let cancel = CancellationToken::new();
     let stopper = {
@@ -89,7 +91,9 @@ pub(crate) async fn run_one(ctx: &Arc<Ctx>) -> Result<bool, StoreError> {
         },
         Err(EngineError::Cancelled) => {
             if lost.is_cancelled() {
-                return Ok(true); // someone else owns it now
+                // Cancelled (terminal: its inputs can go) or taken by the reaper (kept).
+                crate::inputs::drop_inputs_if_terminal(ctx, &id).await;
+                return Ok(true);
             }
             // Shutdown: give the task back without spending the attempt.
             ctx.store.release(&id, &owner, 0, false, now).await?;

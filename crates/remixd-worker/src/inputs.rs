@@ -72,6 +72,8 @@ pub(crate) async fn run_one(ctx: &Arc<Ctx>) -> Result<bool, remixd_store::StoreE
     let done = CancellationToken::new();
     let lost = CancellationToken::new();
     spawn_heartbeat(ctx, task.id, done.clone(), lost.clone());
+    // A cancellation marks the task failed in the store; to this worker it is a lost lease.
+    let _tracked = ctx.wake.track(task.id, lost.clone());
     let outcome = tokio::select! {
         r = fetch_all(ctx, &task) => Some(r),
         _ = lost.cancelled() => None,
@@ -84,7 +86,7 @@ pub(crate) async fn run_one(ctx: &Arc<Ctx>) -> Result<bool, remixd_store::StoreE
     done.cancel();
     let id = task.id;
     match outcome {
-        None => {}
+        None => drop_inputs_if_terminal(ctx, &id).await,
         Some(Ok(())) => {
             let moved = ctx
                 .store
@@ -168,4 +170,14 @@ async fn fetch_all(ctx: &Ctx, task: &TaskRecord) -> Result<(), FetchFailure> {
 
 async fn store_input(ctx: &Ctx, key: &str, bytes: Bytes) -> Result<(), String> {
     ctx.blobs.put(key, bytes).await.map_err(|e| e.to_string())
+}
+
+/// Deletes a task's fetched inputs once it is terminal (after a cancellation, say); a
+/// task that went back to the queue keeps them.
+pub(crate) async fn drop_inputs_if_terminal(ctx: &Ctx, id: &remixd_domain::TaskId) {
+    if let Ok(Some(t)) = ctx.store.task(id).await {
+        if t.state.is_terminal() {
+            let _ = ctx.blobs.delete_prefix(&format!("inputs/{id}")).await;
+        }
+    }
 }

@@ -19,7 +19,8 @@ pub(crate) fn spawn_heartbeat(
 ) {
     let ctx = ctx.clone();
     tokio::spawn(async move {
-        let every = ctx.cfg.lease / 3;
+        // At least every 2 s, so a cancellation made on another node stops the work soon.
+        let every = (ctx.cfg.lease / 3).min(std::time::Duration::from_secs(2));
         loop {
             tokio::select! {
                 _ = done.cancelled() => return,

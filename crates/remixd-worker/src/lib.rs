@@ -27,7 +27,7 @@ mod lease;
 use std::sync::Arc;
 use std::time::Duration;
 
-use remixd_domain::now_millis;
+use remixd_domain::{now_millis, TaskId};
 use remixd_engine::Engine;
 use remixd_fetch::Fetcher;
 use remixd_store::{Blobs, Store};
@@ -86,6 +86,7 @@ pub struct Wakeup {
     fetch: Arc<Notify>,
     generate: Arc<Notify>,
     deliveries: Arc<Notify>,
+    running: Arc<std::sync::Mutex<std::collections::HashMap<TaskId, CancellationToken>>>,
 }
 
 impl Wakeup {
@@ -100,9 +101,37 @@ impl Wakeup {
     pub fn task_finished(&self) {
         self.deliveries.notify_one();
     }
+    /// A task was cancelled (already failed in the store): stop the work on it in this
+    /// process at once. Other processes notice at their next heartbeat.
+    pub fn task_cancelled(&self, id: &TaskId) {
+        if let Some(t) = self.running.lock().expect("running map").get(id) {
+            t.cancel();
+        }
+        self.task_finished();
+    }
+    /// Registers work on a task; `stop` fires if the task is cancelled meanwhile.
+    pub(crate) fn track(&self, id: TaskId, stop: CancellationToken) -> Tracked {
+        self.running.lock().expect("running map").insert(id, stop);
+        Tracked {
+            id,
+            running: self.running.clone(),
+        }
+    }
     /// What the callback deliverer waits on.
     pub fn deliveries(&self) -> Arc<Notify> {
         self.deliveries.clone()
+    }
+}
+
+/// Removes a task from the running map when its work ends.
+pub(crate) struct Tracked {
+    id: TaskId,
+    running: Arc<std::sync::Mutex<std::collections::HashMap<TaskId, CancellationToken>>>,
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        self.running.lock().expect("running map").remove(&self.id);
     }
 }
 

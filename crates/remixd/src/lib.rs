@@ -212,16 +212,19 @@ pub async fn launch_with_listener(
         prices: settings.credits,
         ..ApiConfig::default()
     };
-    let on_created: remixd_api::OnCreated = {
-        let wake = wake.clone();
-        Arc::new(move || wake.task_created())
+    let hooks = {
+        let (w1, w2) = (wake.clone(), wake.clone());
+        remixd_api::Hooks {
+            created: Arc::new(move || w1.task_created()),
+            cancelled: Arc::new(move |id| w2.task_cancelled(id)),
+        }
     };
     let state = Arc::new(AppState::new(
         store.clone(),
         blobs,
         engine.clone(),
         api_cfg,
-        on_created,
+        hooks,
     ));
     let app = match role {
         Role::Worker => remixd_api::health_router(state.clone()),

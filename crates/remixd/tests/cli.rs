@@ -158,13 +158,21 @@ fn webhook_secrets_and_deliveries() {
     let d = tempfile::tempdir().unwrap();
     let dir = d.path();
     ok(dir, &["accounts", "create", "hooks", "--credits", "5"]);
-    let secret = ok(dir, &["webhooks", "secret", "--account", "hooks"]).trim().to_string();
-    assert!(secret.starts_with("whsec_") && secret.len() == 6 + 44, "{secret}");
-    let rotated = ok(dir, &["webhooks", "secret", "--account", "hooks"]).trim().to_string();
+    let secret = ok(dir, &["webhooks", "secret", "--account", "hooks"])
+        .trim()
+        .to_string();
+    assert!(
+        secret.starts_with("whsec_") && secret.len() == 6 + 44,
+        "{secret}"
+    );
+    let rotated = ok(dir, &["webhooks", "secret", "--account", "hooks"])
+        .trim()
+        .to_string();
     assert_ne!(secret, rotated, "each call rotates the secret");
     assert!(fails(dir, &["webhooks", "secret", "--account", "ghost"]).contains("ghost"));
     let listed = ok(dir, &["deliveries", "list", "--state", "failed"]);
     assert_eq!(listed.lines().count(), 1, "only the header: {listed}");
-    assert!(fails(dir, &["deliveries", "list", "--state", "lost"]).contains("pending, delivered or failed"));
+    assert!(fails(dir, &["deliveries", "list", "--state", "lost"])
+        .contains("pending, delivered or failed"));
     assert!(fails(dir, &["deliveries", "redeliver", "msg_nope"]).contains("no delivery"));
 }
