@@ -21,7 +21,11 @@ use crate::AppState;
 type AppResult<T> = Result<T, ApiError>;
 
 /// Reads a JSON body: the content type must say JSON, the size is capped.
-async fn json_body(state: &AppState, headers: &HeaderMap, body: Body) -> AppResult<bytes::Bytes> {
+pub(crate) async fn json_body(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+) -> AppResult<bytes::Bytes> {
     let ct = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -211,35 +215,51 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
 }
 
 /// Storage prefixes served under `/files/`.
-const PUBLIC_PREFIXES: [&str; 1] = ["results/"];
+const PUBLIC_PREFIXES: [&str; 2] = ["results/", "uploads/"];
 
 /// Serves a stored file (results now, uploads later) by its unguessable key.
 pub async fn file(
     State(state): State<Arc<AppState>>,
     Path(key): Path<String>,
+    RawQuery(q): RawQuery,
 ) -> AppResult<Response> {
     let not_found = || ApiError::NotFound("File not found".into());
-    // Only results are public; fetched inputs and probes stay private.
+    // Only results and uploads are public; fetched inputs and probes stay private.
     if !remixd_store::blobs::valid_key(&key) || !PUBLIC_PREFIXES.iter().any(|p| key.starts_with(p))
     {
         return Err(not_found());
+    }
+    // A signed link (download-url) must carry a valid, unexpired signature.
+    if let Some(sig) = query_param(&q, "signature") {
+        let expires = query_param(&q, "expires").unwrap_or_default();
+        if !crate::uploads::link_valid(&state, &key, &expires, &sig).await? {
+            return Err(not_found());
+        }
+    }
+    let mut ct = match key.rsplit('.').next() {
+        Some("png") => "image/png".to_string(),
+        Some("jpg" | "jpeg") => "image/jpeg".to_string(),
+        Some("webp") => "image/webp".to_string(),
+        _ => "application/octet-stream".to_string(),
+    };
+    if key.starts_with("uploads/") {
+        // Uploads expire; their type was taken from their bytes.
+        let up = state.store.upload(&key).await?.ok_or_else(not_found)?;
+        if up.expire_time < now_millis() {
+            return Err(not_found());
+        }
+        ct = up.mime_type;
     }
     let bytes = match state.blobs.get(&key).await {
         Ok(b) => b,
         Err(BlobError::NotFound | BlobError::BadKey(_)) => return Err(not_found()),
         Err(e) => return Err(ApiError::internal(e)),
     };
-    let ct = match key.rsplit('.').next() {
-        Some("png") => "image/png",
-        Some("jpg" | "jpeg") => "image/jpeg",
-        Some("webp") => "image/webp",
-        _ => "application/octet-stream",
-    };
     Ok((
         [
             (header::CONTENT_TYPE, ct),
-            (header::CACHE_CONTROL, "private, max-age=86400"),
-            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            (header::CACHE_CONTROL, "private, max-age=3600".to_string()),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff".to_string()),
         ],
         bytes,
     )

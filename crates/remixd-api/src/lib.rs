@@ -10,6 +10,7 @@ pub mod auth;
 pub mod error;
 mod handlers;
 pub mod limits;
+pub mod uploads;
 pub mod validate;
 pub mod wire;
 
@@ -42,7 +43,15 @@ pub enum ErrorHttpStatus {
 }
 
 /// Endpoint names for `api.disabled`.
-pub const ENDPOINTS: [&str; 5] = ["createTask", "recordInfo", "credit", "cancel", "stream"];
+pub const ENDPOINTS: [&str; 7] = [
+    "createTask",
+    "recordInfo",
+    "credit",
+    "cancel",
+    "stream",
+    "upload",
+    "download-url",
+];
 
 /// The API's settings.
 #[derive(Debug, Clone)]
@@ -56,6 +65,12 @@ pub struct ApiConfig {
     pub prices: CreditPrices,
     /// Largest JSON body accepted.
     pub max_json_bytes: usize,
+    /// Base of every URL handed out (`server.public_url`).
+    pub public_url: String,
+    /// Largest upload.
+    pub max_upload_bytes: u64,
+    /// How long uploads are kept.
+    pub uploads_ttl_ms: i64,
 }
 
 impl Default for ApiConfig {
@@ -68,6 +83,9 @@ impl Default for ApiConfig {
             query_per_s: 10,
             prices: CreditPrices::default(),
             max_json_bytes: 1 << 20,
+            public_url: "http://127.0.0.1:8080".into(),
+            max_upload_bytes: 10 * 1024 * 1024,
+            uploads_ttl_ms: 24 * 3_600_000,
         }
     }
 }
@@ -95,6 +113,7 @@ pub struct AppState {
     pub store: Arc<dyn Store>,
     pub blobs: Blobs,
     pub engine: Arc<dyn Engine>,
+    pub fetcher: remixd_fetch::Fetcher,
     pub cfg: ApiConfig,
     pub limits: Limits,
     pub hooks: Hooks,
@@ -105,6 +124,7 @@ impl AppState {
         store: Arc<dyn Store>,
         blobs: Blobs,
         engine: Arc<dyn Engine>,
+        fetcher: remixd_fetch::Fetcher,
         cfg: ApiConfig,
         hooks: Hooks,
     ) -> Self {
@@ -113,6 +133,7 @@ impl AppState {
             store,
             blobs,
             engine,
+            fetcher,
             cfg,
             limits,
             hooks,
@@ -138,6 +159,16 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/v1/jobs/cancel", post(handlers::cancel))
         .route("/api/v1/jobs/stream", get(handlers::stream))
         .route("/api/v1/chat/credit", get(handlers::credit))
+        .route("/api/v1/common/download-url", post(uploads::download_url))
+        .route(
+            "/api/file-stream-upload",
+            // Multipart framing around a file at the limit.
+            post(uploads::stream_upload).layer(axum::extract::DefaultBodyLimit::max(
+                state.cfg.max_upload_bytes as usize + (1 << 20),
+            )),
+        )
+        .route("/api/file-url-upload", post(uploads::url_upload))
+        .route("/api/file-base64-upload", post(uploads::base64_upload))
         .route("/healthz", get(handlers::healthz))
         .route("/readyz", get(handlers::readyz))
         .route("/files/{*key}", get(handlers::file))

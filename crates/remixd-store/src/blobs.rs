@@ -54,6 +54,17 @@ pub fn valid_key(key: &str) -> bool {
         })
 }
 
+/// The storage key behind a `<public_url>/files/<key>` URL of this server, if the URL is
+/// one and names a public prefix (`results/` or `uploads/`); query and fragment ignored.
+pub fn key_of_public_url(public_url: &str, url: &str) -> Option<String> {
+    let rest = url
+        .strip_prefix(public_url.trim_end_matches('/'))?
+        .strip_prefix("/files/")?;
+    let key = rest.split(['?', '#']).next()?;
+    (valid_key(key) && (key.starts_with("results/") || key.starts_with("uploads/")))
+        .then(|| key.to_string())
+}
+
 fn path(key: &str) -> Result<Path, BlobError> {
     if !valid_key(key) {
         return Err(BlobError::BadKey(key.to_string()));

@@ -204,6 +204,17 @@ pub enum Finish {
     NotOwner,
 }
 
+/// A file uploaded through the API.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UploadRecord {
+    pub key: String,
+    pub account_id: String,
+    pub file_size: i64,
+    pub mime_type: String,
+    pub create_time: Millis,
+    pub expire_time: Millis,
+}
+
 /// Where a callback delivery stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeliveryState {
@@ -408,4 +419,14 @@ pub trait Store: Send + Sync + 'static {
     async fn redeliver(&self, id: &str, now: Millis) -> Result<bool>;
     /// The deliveries of one task (tests, operators).
     async fn deliveries_of(&self, task_id: &TaskId) -> Result<Vec<DeliveryRecord>>;
+
+    // Uploads and server values.
+    async fn record_upload(&self, upload: &UploadRecord) -> Result<()>;
+    async fn upload(&self, key: &str) -> Result<Option<UploadRecord>>;
+    /// A server-wide value, created with `make` by the first caller (all nodes agree).
+    async fn server_value(
+        &self,
+        name: &str,
+        make: &(dyn Fn() -> String + Send + Sync),
+    ) -> Result<String>;
 }

@@ -23,6 +23,7 @@ use sqlx::Row;
 use crate::{
     Account, ApiKeyRecord, AttemptOutcome, CreateOutcome, DeliveryRecord, DeliveryState, Finish,
     KeyCap, NewKey, NewTask, ReapReport, Result, Stage, Store, StoreError, TaskRecord,
+    UploadRecord,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -792,6 +793,60 @@ impl Store for SqliteStore {
             .fetch_all(&self.pool)
             .await?;
         rows.iter().map(delivery_from_row).collect()
+    }
+
+    async fn record_upload(&self, u: &UploadRecord) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO uploads (key, account_id, file_size, mime_type, create_time, expire_time) VALUES (?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&u.key)
+        .bind(&u.account_id)
+        .bind(u.file_size)
+        .bind(&u.mime_type)
+        .bind(u.create_time)
+        .bind(u.expire_time)
+        .execute(&self.write)
+        .await?;
+        Ok(())
+    }
+
+    async fn upload(&self, key: &str) -> Result<Option<UploadRecord>> {
+        let row: Option<(String, String, i64, String, i64, i64)> = sqlx::query_as(
+            "SELECT key, account_id, file_size, mime_type, create_time, expire_time FROM uploads WHERE key = ?",
+        )
+        .bind(key)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(
+            |(key, account_id, file_size, mime_type, create_time, expire_time)| UploadRecord {
+                key,
+                account_id,
+                file_size,
+                mime_type,
+                create_time,
+                expire_time,
+            },
+        ))
+    }
+
+    async fn server_value(
+        &self,
+        name: &str,
+        make: &(dyn Fn() -> String + Send + Sync),
+    ) -> Result<String> {
+        sqlx::query(
+            "INSERT INTO server_values (name, value) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(name)
+        .bind(make())
+        .execute(&self.write)
+        .await?;
+        Ok(
+            sqlx::query_scalar("SELECT value FROM server_values WHERE name = ?")
+                .bind(name)
+                .fetch_one(&self.write)
+                .await?,
+        )
     }
 }
 

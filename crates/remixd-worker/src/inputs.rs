@@ -153,11 +153,11 @@ async fn fetch_all(ctx: &Ctx, task: &TaskRecord) -> Result<(), FetchFailure> {
         } else {
             cap
         };
-        let img = ctx
-            .fetcher
-            .fetch_image(url, limit)
-            .await
-            .map_err(|e| FetchFailure::Input(format!("{} {e}", role.field())))?;
+        let img = match own_upload(ctx, task, url).await {
+            Some(found) => found,
+            None => ctx.fetcher.fetch_image(url, limit).await,
+        }
+        .map_err(|e| FetchFailure::Input(format!("{} {e}", role.field())))?;
         if matches!(role, Role::Style(_)) {
             style_budget = style_budget.saturating_sub(img.bytes.len() as u64);
         }
@@ -180,4 +180,49 @@ pub(crate) async fn drop_inputs_if_terminal(ctx: &Ctx, id: &remixd_domain::TaskI
             let _ = ctx.blobs.delete_prefix(&format!("inputs/{id}")).await;
         }
     }
+}
+
+/// An input that is a file uploaded to this server (or one of its results) is read from
+/// storage, without an HTTP round trip. `None`: not one of ours, fetch it over HTTP.
+async fn own_upload(
+    ctx: &Ctx,
+    task: &TaskRecord,
+    url: &str,
+) -> Option<Result<remixd_fetch::FetchedImage, remixd_fetch::FetchError>> {
+    let key = remixd_store::blobs::key_of_public_url(&ctx.cfg.public_url, url)?;
+    let gone = || {
+        Some(Err(remixd_fetch::FetchError::Unreachable(
+            "the file does not exist or has expired".into(),
+        )))
+    };
+    if key.starts_with("uploads/") {
+        match ctx.store.upload(&key).await {
+            Ok(Some(up)) if up.expire_time >= now_millis() && up.account_id == task.account_id => {}
+            Ok(_) => return gone(),
+            Err(e) => {
+                return Some(Err(remixd_fetch::FetchError::Unreachable(format!(
+                    "storage: {e}"
+                ))))
+            }
+        }
+    }
+    let bytes = match ctx.blobs.get(&key).await {
+        Ok(b) => b,
+        Err(_) => return gone(),
+    };
+    if bytes.len() as u64 > ctx.fetcher.config().max_image_bytes {
+        return Some(Err(remixd_fetch::FetchError::TooLarge {
+            limit: ctx.fetcher.config().max_image_bytes,
+        }));
+    }
+    Some(
+        remixd_fetch::probe(&bytes, ctx.fetcher.config().max_pixels).map(
+            |(kind, width, height)| remixd_fetch::FetchedImage {
+                bytes,
+                kind,
+                width,
+                height,
+            },
+        ),
+    )
 }

@@ -210,6 +210,9 @@ pub async fn launch_with_listener(
         create_per_10s: settings.limits.create_per_10s,
         query_per_s: settings.limits.query_per_s,
         prices: settings.credits,
+        public_url: public_url.clone(),
+        max_upload_bytes: settings.fetch.max_image_bytes,
+        uploads_ttl_ms: settings.retention.uploads_hours as i64 * 3_600_000,
         ..ApiConfig::default()
     };
     let hooks = {
@@ -223,6 +226,7 @@ pub async fn launch_with_listener(
         store.clone(),
         blobs,
         engine.clone(),
+        fetcher.clone(),
         api_cfg,
         hooks,
     ));

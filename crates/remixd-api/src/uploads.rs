@@ -1,0 +1,517 @@
+//! File uploads (API.md §6) and signed download links (§5).
+//!
+//! Uploads answer in their own envelope, `{"success", "code", "msg", "data"}`, with the
+//! codes 400, 401, 413 and 500. The type comes from the bytes (JPEG, PNG or WebP: uploads
+//! exist to be task inputs), the size is capped while reading, and the file lands under
+//! `uploads/<128 random bits>/<uploadPath>/<fileName>`, kept for `retention.uploads_hours`.
+//! Its `downloadUrl` can be given to createTask; workers read it from storage directly.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Multipart, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use base64::Engine as _;
+use bytes::Bytes;
+use hmac::{Hmac, Mac};
+use rand::RngCore;
+use remixd_domain::now_millis;
+use remixd_store::UploadRecord;
+use serde::Serialize;
+use serde_json::Value;
+use sha2::Sha256;
+
+use crate::auth::{authenticate, Caller};
+use crate::error::{ok, ApiError, Envelope};
+use crate::AppState;
+
+/// An upload failure, in the upload envelope.
+#[derive(Debug)]
+pub struct UploadError {
+    code: u16,
+    msg: String,
+}
+
+fn bad(msg: impl Into<String>) -> UploadError {
+    UploadError {
+        code: 400,
+        msg: msg.into(),
+    }
+}
+
+impl From<ApiError> for UploadError {
+    fn from(e: ApiError) -> Self {
+        let code = match e.code() {
+            401 => 401,
+            500 => 500,
+            505 => 403,
+            429 => 429,
+            _ => 400,
+        };
+        UploadError {
+            code,
+            msg: e.to_string(),
+        }
+    }
+}
+
+impl From<remixd_store::StoreError> for UploadError {
+    fn from(e: remixd_store::StoreError) -> Self {
+        tracing::error!(error = %e, "upload: store error");
+        UploadError {
+            code: 500,
+            msg: "internal error".into(),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct Failure<'a> {
+    success: bool,
+    code: u16,
+    msg: &'a str,
+}
+
+impl IntoResponse for UploadError {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let mut r = (
+            status,
+            Json(Failure {
+                success: false,
+                code: self.code,
+                msg: &self.msg,
+            }),
+        )
+            .into_response();
+        r.extensions_mut().insert(crate::error::IsEnvelopeError);
+        r
+    }
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UploadData {
+    file_name: String,
+    file_path: String,
+    download_url: String,
+    file_size: usize,
+    mime_type: &'static str,
+    uploaded_at: String,
+}
+
+#[derive(Serialize)]
+pub struct UploadOk {
+    success: bool,
+    code: u16,
+    msg: &'static str,
+    data: UploadData,
+}
+
+type UploadResult = Result<Json<UploadOk>, UploadError>;
+
+/// Checks `uploadPath`: relative, segments of `[A-Za-z0-9._-]`, no `.`/`..`.
+fn upload_path(p: Option<String>) -> Result<String, UploadError> {
+    let p = p
+        .filter(|p| !p.is_empty())
+        .ok_or_else(|| bad("Missing required parameter: uploadPath"))?;
+    if p.starts_with('/') || p.ends_with('/') {
+        return Err(bad("uploadPath must not start or end with a slash"));
+    }
+    if p.len() > 200
+        || !p.split('/').all(|seg| {
+            !seg.is_empty()
+                && seg != "."
+                && seg != ".."
+                && seg
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        })
+    {
+        return Err(bad("uploadPath may hold only letters, digits, '.', '_', '-' and '/' (at most 200 characters)"));
+    }
+    Ok(p)
+}
+
+/// A safe file name: other characters become `_`; none given, a random one.
+fn file_name(given: Option<&str>, ext: &str) -> String {
+    let cleaned: String = given
+        .unwrap_or("")
+        .rsplit(['/', '\\'])
+        .next()
+        .unwrap_or("")
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(120)
+        .collect();
+    let cleaned = cleaned.trim_start_matches('.').to_string();
+    if cleaned.is_empty() {
+        let mut b = [0u8; 8];
+        rand::thread_rng().fill_bytes(&mut b);
+        format!("{}.{ext}", hex::encode(b))
+    } else {
+        cleaned
+    }
+}
+
+async fn store_upload(
+    state: &AppState,
+    caller: &Caller,
+    path: String,
+    name: Option<&str>,
+    bytes: Bytes,
+) -> UploadResult {
+    let limit = state.cfg.max_upload_bytes;
+    if bytes.len() as u64 > limit {
+        return Err(UploadError {
+            code: 413,
+            msg: format!("file is larger than the limit of {limit} bytes"),
+        });
+    }
+    if bytes.is_empty() {
+        return Err(bad("file is empty"));
+    }
+    let kind = remixd_fetch::sniff(&bytes).ok_or_else(|| {
+        bad("unsupported file type: only JPEG, PNG and WebP images can be uploaded")
+    })?;
+    let name = file_name(name, kind.extension());
+    let mut token = [0u8; 16];
+    rand::thread_rng().fill_bytes(&mut token);
+    let key = format!("uploads/{}/{path}/{name}", hex::encode(token));
+    if !remixd_store::blobs::valid_key(&key) {
+        return Err(bad("uploadPath and fileName together are too long"));
+    }
+    let size = bytes.len();
+    state.blobs.put(&key, bytes).await.map_err(|e| {
+        tracing::error!(error = %e, "upload: storage error");
+        UploadError {
+            code: 500,
+            msg: "could not store the file".into(),
+        }
+    })?;
+    let now = now_millis();
+    state
+        .store
+        .record_upload(&UploadRecord {
+            key: key.clone(),
+            account_id: caller.account_id.clone(),
+            file_size: size as i64,
+            mime_type: kind.mime().to_string(),
+            create_time: now,
+            expire_time: now + state.cfg.uploads_ttl_ms,
+        })
+        .await?;
+    let uploaded_at = humantime::format_rfc3339_millis(
+        std::time::UNIX_EPOCH + std::time::Duration::from_millis(now as u64),
+    )
+    .to_string();
+    Ok(Json(UploadOk {
+        success: true,
+        code: 200,
+        msg: "File uploaded successfully",
+        data: UploadData {
+            file_name: name.clone(),
+            file_path: format!("{path}/{name}"),
+            download_url: format!("{}/files/{key}", state.cfg.public_url.trim_end_matches('/')),
+            file_size: size,
+            mime_type: kind.mime(),
+            uploaded_at,
+        },
+    }))
+}
+
+/// `POST /api/file-stream-upload`, multipart: `file`, `uploadPath`, `fileName`.
+pub async fn stream_upload(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    mut form: Multipart,
+) -> UploadResult {
+    state.check_enabled("upload")?;
+    let caller = authenticate(&*state.store, &headers).await?;
+    let limit = state.cfg.max_upload_bytes;
+    let (mut file, mut path, mut name, mut part_name) = (None, None, None, None);
+    let malformed = |e: axum::extract::multipart::MultipartError| {
+        bad(format!("malformed multipart body: {}", e.body_text()))
+    };
+    while let Some(mut field) = form.next_field().await.map_err(malformed)? {
+        match field.name().unwrap_or("") {
+            "file" => {
+                part_name = field.file_name().map(str::to_string);
+                let mut buf = Vec::new();
+                // Stop reading at the cap: nothing past it is buffered.
+                while let Some(chunk) = field.chunk().await.map_err(malformed)? {
+                    if (buf.len() + chunk.len()) as u64 > limit {
+                        return Err(UploadError {
+                            code: 413,
+                            msg: format!("file is larger than the limit of {limit} bytes"),
+                        });
+                    }
+                    buf.extend_from_slice(&chunk);
+                }
+                file = Some(Bytes::from(buf));
+            }
+            "uploadPath" => path = Some(field.text().await.map_err(malformed)?),
+            "fileName" => name = Some(field.text().await.map_err(malformed)?),
+            _ => {}
+        }
+    }
+    let file = file.ok_or_else(|| bad("Missing required parameter: file"))?;
+    let path = upload_path(path)?;
+    let name = name.filter(|n| !n.is_empty()).or(part_name);
+    store_upload(&state, &caller, path, name.as_deref(), file).await
+}
+
+async fn json_object(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+) -> Result<serde_json::Map<String, Value>, UploadError> {
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if !ct
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .eq_ignore_ascii_case("application/json")
+    {
+        return Err(bad("Content-Type must be application/json"));
+    }
+    let _ = state;
+    let bytes = axum::body::to_bytes(body, limit)
+        .await
+        .map_err(|_| UploadError {
+            code: 413,
+            msg: format!("request body is larger than the limit of {limit} bytes"),
+        })?;
+    match serde_json::from_slice(&bytes) {
+        Ok(Value::Object(o)) => Ok(o),
+        Ok(_) => Err(bad("request body must be a JSON object")),
+        Err(e) => Err(bad(format!("request body is not valid JSON: {e}"))),
+    }
+}
+
+fn string_field(
+    o: &serde_json::Map<String, Value>,
+    k: &str,
+) -> Result<Option<String>, UploadError> {
+    match o.get(k) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if s.is_empty() => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(_) => Err(bad(format!("{k} must be a string"))),
+    }
+}
+
+/// `POST /api/file-url-upload`, JSON `{fileUrl, uploadPath, fileName?}`.
+pub async fn url_upload(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> UploadResult {
+    state.check_enabled("upload")?;
+    let caller = authenticate(&*state.store, &headers).await?;
+    let o = json_object(&state, &headers, body, 64 * 1024).await?;
+    let url =
+        string_field(&o, "fileUrl")?.ok_or_else(|| bad("Missing required parameter: fileUrl"))?;
+    let path = upload_path(string_field(&o, "uploadPath")?)?;
+    let name = string_field(&o, "fileName")?;
+    let limit = state.cfg.max_upload_bytes;
+    let bytes = state
+        .fetcher
+        .download(&url, limit)
+        .await
+        .map_err(|e| match e {
+            remixd_fetch::FetchError::TooLarge { .. } => UploadError {
+                code: 413,
+                msg: format!("fileUrl {e}"),
+            },
+            e => bad(format!("fileUrl {e}")),
+        })?;
+    let from_url = name.clone().or_else(|| {
+        url::Url::parse(&url).ok().and_then(|u| {
+            u.path_segments()
+                .and_then(|mut s| s.next_back().map(str::to_string))
+        })
+    });
+    store_upload(&state, &caller, path, from_url.as_deref(), bytes).await
+}
+
+/// `POST /api/file-base64-upload`, JSON `{base64Data, uploadPath, fileName?}`.
+pub async fn base64_upload(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> UploadResult {
+    state.check_enabled("upload")?;
+    let caller = authenticate(&*state.store, &headers).await?;
+    let limit = (state.cfg.max_upload_bytes as usize / 3 + 1) * 4 + 64 * 1024;
+    let o = json_object(&state, &headers, body, limit).await?;
+    let data = string_field(&o, "base64Data")?
+        .ok_or_else(|| bad("Missing required parameter: base64Data"))?;
+    let path = upload_path(string_field(&o, "uploadPath")?)?;
+    let name = string_field(&o, "fileName")?;
+    // A data URL (`data:<mime>;base64,...`) or plain base64; the declared type is ignored.
+    let b64 = match data.strip_prefix("data:") {
+        Some(rest) => rest
+            .split_once(";base64,")
+            .map(|(_, b)| b)
+            .ok_or_else(|| bad("base64Data is a data URL without ';base64,'"))?,
+        None => data.as_str(),
+    };
+    let cleaned: String = b64.chars().filter(|c| !c.is_ascii_whitespace()).collect();
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(cleaned.as_bytes())
+        .map_err(|e| bad(format!("base64Data is not valid base64: {e}")))?;
+    store_upload(&state, &caller, path, name.as_deref(), Bytes::from(bytes)).await
+}
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// How long a signed download link lives.
+pub const DOWNLOAD_LINK_MS: i64 = 20 * 60 * 1000;
+
+async fn link_key(state: &AppState) -> Result<Vec<u8>, ApiError> {
+    let v = state
+        .store
+        .server_value("download_link_key", &|| {
+            let mut k = [0u8; 32];
+            rand::thread_rng().fill_bytes(&mut k);
+            hex::encode(k)
+        })
+        .await?;
+    hex::decode(v).map_err(ApiError::internal)
+}
+
+fn link_signature(key: &[u8], file_key: &str, expires: i64) -> String {
+    let mut m = HmacSha256::new_from_slice(key).expect("any key length");
+    m.update(format!("{file_key}\n{expires}").as_bytes());
+    hex::encode(m.finalize().into_bytes())
+}
+
+/// Whether `expires`/`signature` query values make a valid, unexpired link to `file_key`.
+pub(crate) async fn link_valid(
+    state: &AppState,
+    file_key: &str,
+    expires: &str,
+    signature: &str,
+) -> Result<bool, ApiError> {
+    let Ok(expires) = expires.parse::<i64>() else {
+        return Ok(false);
+    };
+    if expires < now_millis() {
+        return Ok(false);
+    }
+    let key = link_key(state).await?;
+    let mut m = HmacSha256::new_from_slice(&key).expect("any key length");
+    m.update(format!("{file_key}\n{expires}").as_bytes());
+    let Ok(sig) = hex::decode(signature) else {
+        return Ok(false);
+    };
+    Ok(m.verify_slice(&sig).is_ok())
+}
+
+/// `POST /api/v1/common/download-url` `{"url": ...}`: a link to one of this server's files, valid 20 minutes.
+pub async fn download_url(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<Envelope<String>>, ApiError> {
+    state.check_enabled("download-url")?;
+    let caller = authenticate(&*state.store, &headers).await?;
+    let body = crate::handlers::json_body(&state, &headers, body).await?;
+    let v: Value = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::validation(format!("request body is not valid JSON: {e}")))?;
+    let url = v
+        .get("url")
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| ApiError::validation("url is required"))?;
+    let not_ours = || ApiError::validation("url is not a file URL issued by this server");
+    let file_key = own_file_key(&state.cfg.public_url, url).ok_or_else(not_ours)?;
+    // Only files that exist, and uploads of the caller's own account.
+    if file_key.starts_with("uploads/") {
+        let up = state.store.upload(&file_key).await?.ok_or_else(not_ours)?;
+        if up.account_id != caller.account_id || up.expire_time < now_millis() {
+            return Err(not_ours());
+        }
+    } else if state.blobs.get(&file_key).await.is_err() {
+        return Err(not_ours());
+    }
+    let expires = now_millis() + DOWNLOAD_LINK_MS;
+    let sig = link_signature(&link_key(&state).await?, &file_key, expires);
+    let base = state.cfg.public_url.trim_end_matches('/');
+    Ok(ok(format!(
+        "{base}/files/{file_key}?expires={expires}&signature={sig}"
+    )))
+}
+
+/// The storage key behind a URL of this server's `/files/`, if it is one.
+pub fn own_file_key(public_url: &str, url: &str) -> Option<String> {
+    remixd_store::blobs::key_of_public_url(public_url, url)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upload_paths() {
+        assert_eq!(
+            upload_path(Some("images/user-uploads".into())).unwrap(),
+            "images/user-uploads"
+        );
+        for bad in ["", "/abs", "trail/", "a//b", "a/../b", "sp ace", "ü"] {
+            assert!(upload_path(Some(bad.into())).is_err(), "{bad}");
+        }
+        assert_eq!(
+            upload_path(None).unwrap_err().msg,
+            "Missing required parameter: uploadPath"
+        );
+    }
+
+    #[test]
+    fn file_names_are_made_safe() {
+        assert_eq!(file_name(Some("a.png"), "png"), "a.png");
+        assert_eq!(file_name(Some("../../etc/passwd"), "png"), "passwd");
+        assert_eq!(file_name(Some("my cat (1).png"), "png"), "my_cat__1_.png");
+        assert_eq!(file_name(Some(".hidden"), "png"), "hidden");
+        assert!(file_name(None, "webp").ends_with(".webp"));
+    }
+
+    #[test]
+    fn own_urls() {
+        let p = "http://127.0.0.1:8080";
+        assert_eq!(
+            own_file_key(p, "http://127.0.0.1:8080/files/uploads/ab/x/a.png").as_deref(),
+            Some("uploads/ab/x/a.png")
+        );
+        assert_eq!(
+            own_file_key(p, "http://127.0.0.1:8080/files/results/t/k/0.png?x=1").as_deref(),
+            Some("results/t/k/0.png")
+        );
+        assert_eq!(
+            own_file_key(p, "http://127.0.0.1:8080/files/inputs/t/base"),
+            None
+        );
+        assert_eq!(
+            own_file_key(p, "http://127.0.0.1:8080/files/uploads/../x"),
+            None
+        );
+        assert_eq!(
+            own_file_key(p, "http://evil.example/files/uploads/ab/a.png"),
+            None
+        );
+    }
+}
