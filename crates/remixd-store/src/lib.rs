@@ -423,6 +423,19 @@ pub trait Store: Send + Sync + 'static {
     // Uploads and server values.
     async fn record_upload(&self, upload: &UploadRecord) -> Result<()>;
     async fn upload(&self, key: &str) -> Result<Option<UploadRecord>>;
+    // Retention.
+    /// Successful tasks finished before `before` whose result files are still there.
+    async fn results_due(&self, before: Millis, limit: i64) -> Result<Vec<TaskId>>;
+    /// Records that these tasks' result files are gone.
+    async fn mark_results_swept(&self, ids: &[TaskId]) -> Result<()>;
+    /// Uploads that expired before `now`.
+    async fn uploads_due(&self, now: Millis, limit: i64) -> Result<Vec<String>>;
+    async fn delete_uploads(&self, keys: &[String]) -> Result<()>;
+    /// Deletes terminal tasks created before `before`, with their deliveries and
+    /// idempotency keys; returns their ids (their files may still need deleting).
+    async fn delete_old_tasks(&self, before: Millis, limit: i64) -> Result<Vec<TaskId>>;
+    /// Forgets idempotency keys recorded before `before`.
+    async fn delete_old_idempotency_keys(&self, before: Millis) -> Result<u64>;
     /// A server-wide value, created with `make` by the first caller (all nodes agree).
     async fn server_value(
         &self,

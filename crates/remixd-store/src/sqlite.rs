@@ -829,6 +829,85 @@ impl Store for SqliteStore {
         ))
     }
 
+    async fn results_due(&self, before: Millis, limit: i64) -> Result<Vec<TaskId>> {
+        let ids: Vec<String> = sqlx::query_scalar(
+            "SELECT id FROM tasks WHERE state = 'success' AND files_swept = 0 AND complete_time < ? ORDER BY complete_time LIMIT ?",
+        )
+        .bind(before)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        ids.iter()
+            .map(|id| id.parse().map_err(|_| corrupt(format!("task id {id:?}"))))
+            .collect()
+    }
+
+    async fn mark_results_swept(&self, ids: &[TaskId]) -> Result<()> {
+        let mut tx = self.begin().await?;
+        for id in ids {
+            sqlx::query("UPDATE tasks SET files_swept = 1 WHERE id = ?")
+                .bind(id.to_string())
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn uploads_due(&self, now: Millis, limit: i64) -> Result<Vec<String>> {
+        Ok(sqlx::query_scalar(
+            "SELECT key FROM uploads WHERE expire_time < ? ORDER BY expire_time LIMIT ?",
+        )
+        .bind(now)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    async fn delete_uploads(&self, keys: &[String]) -> Result<()> {
+        let mut tx = self.begin().await?;
+        for k in keys {
+            sqlx::query("DELETE FROM uploads WHERE key = ?")
+                .bind(k)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn delete_old_tasks(&self, before: Millis, limit: i64) -> Result<Vec<TaskId>> {
+        let mut tx = self.begin().await?;
+        let ids: Vec<String> = sqlx::query_scalar(
+            "SELECT id FROM tasks WHERE create_time < ? AND state IN ('success', 'fail') ORDER BY create_time LIMIT ?",
+        )
+        .bind(before)
+        .bind(limit)
+        .fetch_all(&mut *tx)
+        .await?;
+        for id in &ids {
+            for sql in [
+                "DELETE FROM deliveries WHERE task_id = ?",
+                "DELETE FROM idempotency_keys WHERE task_id = ?",
+                "DELETE FROM tasks WHERE id = ?",
+            ] {
+                sqlx::query(sql).bind(id).execute(&mut *tx).await?;
+            }
+        }
+        tx.commit().await?;
+        ids.iter()
+            .map(|id| id.parse().map_err(|_| corrupt(format!("task id {id:?}"))))
+            .collect()
+    }
+
+    async fn delete_old_idempotency_keys(&self, before: Millis) -> Result<u64> {
+        let done = sqlx::query("DELETE FROM idempotency_keys WHERE create_time < ?")
+            .bind(before)
+            .execute(&self.write)
+            .await?;
+        Ok(done.rows_affected())
+    }
+
     async fn server_value(
         &self,
         name: &str,

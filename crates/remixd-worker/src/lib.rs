@@ -23,6 +23,7 @@ pub mod callbacks;
 mod generate;
 mod inputs;
 mod lease;
+pub mod retention;
 
 use std::sync::Arc;
 use std::time::Duration;

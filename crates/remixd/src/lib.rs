@@ -191,6 +191,19 @@ pub async fn launch_with_listener(
             poll_interval: Duration::from_millis(w.poll_ms),
             ..CallbackConfig::default()
         };
+        let r = &settings.retention;
+        let retention = remixd_worker::retention::RetentionConfig {
+            results: Duration::from_secs_f64(r.results_days * 86_400.0),
+            tasks: Duration::from_secs_f64(r.tasks_days * 86_400.0),
+            every: Duration::from_secs_f64(r.sweep_interval_s),
+        };
+        remixd_worker::retention::spawn(
+            store.clone(),
+            blobs.clone(),
+            retention,
+            &tracker,
+            shutdown.clone(),
+        );
         let payload: PayloadFn = Arc::new(remixd_api::wire::callback_body);
         Deliverer::new(
             store.clone(),
@@ -212,7 +225,7 @@ pub async fn launch_with_listener(
         prices: settings.credits,
         public_url: public_url.clone(),
         max_upload_bytes: settings.fetch.max_image_bytes,
-        uploads_ttl_ms: settings.retention.uploads_hours as i64 * 3_600_000,
+        uploads_ttl_ms: (settings.retention.uploads_hours * 3_600_000.0) as i64,
         ..ApiConfig::default()
     };
     let hooks = {

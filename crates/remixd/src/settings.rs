@@ -237,17 +237,23 @@ impl Default for CallbackSettings {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RetentionSettings {
-    pub results_days: u64,
-    pub uploads_hours: u64,
-    pub tasks_days: u64,
+    /// Generated images are deleted after this many days (fractions allowed).
+    pub results_days: f64,
+    /// Uploads are deleted after this many hours.
+    pub uploads_hours: f64,
+    /// Task records are deleted after this many days.
+    pub tasks_days: f64,
+    /// Seconds between retention sweeps.
+    pub sweep_interval_s: f64,
 }
 
 impl Default for RetentionSettings {
     fn default() -> Self {
         Self {
-            results_days: 14,
-            uploads_hours: 24,
-            tasks_days: 60,
+            results_days: 14.0,
+            uploads_hours: 24.0,
+            tasks_days: 60.0,
+            sweep_interval_s: 300.0,
         }
     }
 }
