@@ -54,6 +54,8 @@ pub enum Command {
     /// Show configuration.
     #[command(subcommand)]
     Config(ConfigCmd),
+    /// A client: upload local files, create a task, follow it, download the images.
+    Submit(crate::submit::SubmitArgs),
     /// Start an embedded server on a free port and run a sample task.
     Demo {
         /// Where to write the images.
@@ -328,6 +330,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Demo { out } => crate::demo::run(settings, &out).await,
+        Command::Submit(args) => {
+            let base = settings
+                .server
+                .public_url
+                .clone()
+                .unwrap_or_else(|| format!("http://{}", settings.server.listen));
+            crate::submit::run(args, base, settings.data_dir.join("default.key")).await
+        }
         Command::Bench(BenchCmd::Preview { size, iterations }) => {
             crate::bench::preview(&size, iterations)
         }

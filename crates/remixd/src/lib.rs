@@ -11,6 +11,7 @@ pub mod bench;
 pub mod cli;
 pub mod demo;
 pub mod settings;
+pub mod submit;
 
 use std::path::Path;
 use std::sync::Arc;
