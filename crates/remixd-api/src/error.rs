@@ -13,11 +13,34 @@ use axum::Json;
 use serde::Serialize;
 
 /// The contract's envelope.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Envelope<T: Serialize> {
+    /// The envelope code; `200` on success. The body code is authoritative.
     pub code: u16,
+    /// `success` (readyz: `ready` or `not ready`).
     pub msg: String,
     pub data: T,
+}
+
+/// The envelope of every error of the task API: `data` is always `null`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ErrorEnvelope {
+    /// The envelope code: 401, 402, 404, 422, 429, 433, 455, 500 or 505. The HTTP status
+    /// mirrors it (433 → 429, 455 → 503, 505 → 403) unless the operator chose
+    /// `api.error_http_status = "always-200"`.
+    pub code: u16,
+    /// A short English sentence; validation errors name the field.
+    pub msg: String,
+    /// Always `null`.
+    #[schema(schema_with = null_schema)]
+    pub data: (),
+}
+
+/// The JSON Schema of `null`.
+fn null_schema() -> utoipa::openapi::schema::Object {
+    utoipa::openapi::schema::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::schema::Type::Null)
+        .build()
 }
 
 /// A successful envelope: `{"code":200,"msg":"success","data":...}`.
@@ -111,7 +134,7 @@ impl IntoResponse for ApiError {
         if let ApiError::Internal(detail) = &self {
             tracing::error!(error = %detail, "internal error");
         }
-        let body = Envelope {
+        let body = ErrorEnvelope {
             code,
             msg: self.to_string(),
             data: (),

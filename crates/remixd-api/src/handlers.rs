@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use axum::body::Body;
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
@@ -56,12 +57,32 @@ mod http_body_util_limit {
     pub use axum::extract::rejection::LengthLimitError;
 }
 
-#[derive(Serialize)]
+/// createTask's `data`.
+#[derive(Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Created {
+    /// 32 lowercase hex characters (UUIDv7 digits).
+    #[schema(pattern = "^[0-9a-f]{32}$")]
     task_id: String,
 }
 
+/// Creates a task; its cost is reserved at once.
+#[utoipa::path(
+    post,
+    path = "/api/v1/jobs/createTask",
+    operation_id = "createTask",
+    tag = "tasks",
+    request_body(content = crate::openapi::CreateTaskRequest, content_type = "application/json"),
+    params(
+        ("Idempotency-Key" = Option<String>, Header,
+         description = "Extension: the same key and body within 24 h give the same taskId; the same key with another body is a 422. 1 to 255 visible ASCII characters."),
+    ),
+    responses(
+        (status = 200, description = "The task was accepted.", body = Envelope<Created>),
+        crate::openapi::CreateErrors,
+    ),
+    security(("bearer" = [])),
+)]
 pub async fn create_task(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -143,6 +164,19 @@ fn query_param(raw: &Option<String>, name: &str) -> Option<String> {
         .map(|(_, v)| v.into_owned())
 }
 
+/// One task of the caller's account.
+#[utoipa::path(
+    get,
+    path = "/api/v1/jobs/recordInfo",
+    operation_id = "recordInfo",
+    tag = "tasks",
+    params(crate::openapi::TaskIdQuery),
+    responses(
+        (status = 200, description = "The task.", body = Envelope<RecordInfo>),
+        crate::openapi::TaskErrors,
+    ),
+    security(("bearer" = [])),
+)]
 pub async fn record_info(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -154,6 +188,18 @@ pub async fn record_info(
     )))
 }
 
+/// The account's credit balance.
+#[utoipa::path(
+    get,
+    path = "/api/v1/chat/credit",
+    operation_id = "credit",
+    tag = "account",
+    responses(
+        (status = 200, description = "The balance, an integer.", body = Envelope<i64>),
+        crate::openapi::QueryErrors,
+    ),
+    security(("bearer" = [])),
+)]
 pub async fn credit(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -162,6 +208,15 @@ pub async fn credit(
     Ok(ok(state.store.balance(&caller.account_id).await?))
 }
 
+/// The process is up.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    operation_id = "healthz",
+    tag = "health",
+    responses((status = 200, description = "Up.", body = Envelope<String>)),
+    security(()),
+)]
 pub async fn healthz() -> Json<Envelope<&'static str>> {
     Json(Envelope {
         code: 200,
@@ -170,13 +225,26 @@ pub async fn healthz() -> Json<Envelope<&'static str>> {
     })
 }
 
-#[derive(Serialize)]
+/// readyz's `data`: `ok`, or what is wrong, for each dependency.
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct Readiness {
     database: String,
     storage: String,
     engine: String,
 }
 
+/// The database and storage are reachable and the engine is ready.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    operation_id = "readyz",
+    tag = "health",
+    responses(
+        (status = 200, description = "Ready (`msg` is `ready`).", body = Envelope<Readiness>),
+        (status = 503, description = "Not ready: the envelope code is 500, `msg` is `not ready`, and `data` says what is wrong.", body = Envelope<Readiness>),
+    ),
+    security(()),
+)]
 pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     let (db, files, engine) = tokio::join!(
         state.store.ping(),
@@ -218,12 +286,35 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
 const PUBLIC_PREFIXES: [&str; 2] = ["results/", "uploads/"];
 
 /// Serves a stored file (results now, uploads later) by its unguessable key.
+#[utoipa::path(
+    get,
+    path = "/files/{key}",
+    operation_id = "file",
+    tag = "files",
+    params(
+        ("key" = String, Path, description = "The file's storage key under `results/` or `uploads/`, as in a result or upload URL (it may contain slashes)."),
+        ("expires" = Option<String>, Query, description = "Of a signed link (download-url): Unix milliseconds."),
+        ("signature" = Option<String>, Query, description = "Of a signed link (download-url): its HMAC, hex."),
+    ),
+    responses(
+        (status = 200, description = "The file; its type comes from its bytes.", content(
+            ("image/png"),
+            ("image/jpeg"),
+            ("image/webp"),
+            ("application/octet-stream"),
+        )),
+        crate::openapi::FileErrors,
+    ),
+    security(()),
+)]
 pub async fn file(
     State(state): State<Arc<AppState>>,
-    Path(key): Path<String>,
+    key: Result<Path<String>, PathRejection>,
     RawQuery(q): RawQuery,
 ) -> AppResult<Response> {
     let not_found = || ApiError::NotFound("File not found".into());
+    // A key that is not UTF-8 once percent-decoded names no file.
+    let Path(key) = key.map_err(|_| not_found())?;
     // Only results and uploads are public; fetched inputs and probes stay private.
     if !remixd_store::blobs::valid_key(&key) || !PUBLIC_PREFIXES.iter().any(|p| key.starts_with(p))
     {
@@ -313,6 +404,19 @@ async fn caller_task(
 }
 
 /// `POST /api/v1/jobs/cancel?taskId=`: a live task ends `fail` with failCode 499, refunded.
+#[utoipa::path(
+    post,
+    path = "/api/v1/jobs/cancel",
+    operation_id = "cancel",
+    tag = "tasks",
+    description = "Extension: cancels a task that is not yet terminal; it ends `fail` with failCode `499` and its credits are refunded. A terminal task answers 422.",
+    params(crate::openapi::TaskIdQuery),
+    responses(
+        (status = 200, description = "The cancelled task.", body = Envelope<RecordInfo>),
+        crate::openapi::TaskErrors,
+    ),
+    security(("bearer" = [])),
+)]
 pub async fn cancel(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -367,6 +471,19 @@ pub async fn cancel(
 ///
 /// Each stream polls the database (every 200 ms), so it works whichever node runs the
 /// task; the query limit is charged once, when the stream opens.
+#[utoipa::path(
+    get,
+    path = "/api/v1/jobs/stream",
+    operation_id = "stream",
+    tag = "tasks",
+    description = "Extension: Server-Sent Events, one `task` event per change of state or progress (its data is the recordInfo object), closing after the terminal state.",
+    params(crate::openapi::TaskIdQuery),
+    responses(
+        (status = 200, description = "An event stream of `task` events, each carrying a recordInfo object as JSON.", content_type = "text/event-stream", body = crate::openapi::TaskEvent),
+        crate::openapi::TaskErrors,
+    ),
+    security(("bearer" = [])),
+)]
 pub async fn stream(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,

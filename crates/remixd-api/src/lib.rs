@@ -10,6 +10,7 @@ pub mod auth;
 pub mod error;
 mod handlers;
 pub mod limits;
+pub mod openapi;
 pub mod uploads;
 pub mod validate;
 pub mod wire;
@@ -172,6 +173,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/healthz", get(handlers::healthz))
         .route("/readyz", get(handlers::readyz))
         .route("/files/{*key}", get(handlers::file))
+        .route("/openapi.json", get(openapi::openapi_json))
         .fallback(handlers::not_found)
         .method_not_allowed_fallback(handlers::method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(

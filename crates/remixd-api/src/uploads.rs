@@ -9,6 +9,7 @@
 use std::sync::Arc;
 
 use axum::body::Body;
+use axum::extract::multipart::MultipartRejection;
 use axum::extract::{Multipart, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -67,10 +68,15 @@ impl From<remixd_store::StoreError> for UploadError {
     }
 }
 
-#[derive(Serialize)]
-struct Failure<'a> {
+/// The upload envelope of a failure.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct Failure<'a> {
+    /// Always `false`.
     success: bool,
+    /// 400, 401, 403, 413 or 500; the HTTP status is the same.
     code: u16,
+    /// A short English sentence, e.g. `Missing required parameter: uploadPath`.
+    #[schema(value_type = String)]
     msg: &'a str,
 }
 
@@ -91,21 +97,33 @@ impl IntoResponse for UploadError {
     }
 }
 
-#[derive(Serialize)]
+/// The uploaded file.
+#[derive(Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct UploadData {
     file_name: String,
+    /// `<uploadPath>/<fileName>`.
     file_path: String,
+    /// A URL of this server; usable as `image_url`, reference or mask.
     download_url: String,
+    /// Bytes.
     file_size: usize,
+    /// From the bytes: `image/jpeg`, `image/png` or `image/webp`.
+    #[schema(value_type = String)]
     mime_type: &'static str,
+    /// RFC 3339 with milliseconds, UTC.
     uploaded_at: String,
 }
 
-#[derive(Serialize)]
+/// The upload envelope of a success.
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct UploadOk {
+    /// Always `true`.
     success: bool,
+    /// `200`.
     code: u16,
+    /// `File uploaded successfully`.
+    #[schema(value_type = String)]
     msg: &'static str,
     data: UploadData,
 }
@@ -229,20 +247,39 @@ async fn store_upload(
 }
 
 /// `POST /api/file-stream-upload`, multipart: `file`, `uploadPath`, `fileName`.
+#[utoipa::path(
+    post,
+    path = "/api/file-stream-upload",
+    operation_id = "fileStreamUpload",
+    tag = "uploads",
+    request_body(content = crate::openapi::StreamUploadForm, content_type = "multipart/form-data"),
+    responses(
+        (status = 200, description = "Stored.", body = UploadOk),
+        crate::openapi::UploadErrors,
+    ),
+    security(("bearer" = [])),
+)]
 pub async fn stream_upload(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    mut form: Multipart,
+    form: Result<Multipart, MultipartRejection>,
 ) -> UploadResult {
     state.check_enabled("upload")?;
     let caller = authenticate(&*state.store, &headers).await?;
+    // A missing or non-multipart Content-Type answers in the upload envelope too.
+    let mut form = form.map_err(|e| bad(format!("malformed multipart body: {}", e.body_text())))?;
     let limit = state.cfg.max_upload_bytes;
     let (mut file, mut path, mut name, mut part_name) = (None, None, None, None);
     let malformed = |e: axum::extract::multipart::MultipartError| {
         bad(format!("malformed multipart body: {}", e.body_text()))
     };
+    // Each known part at most once: a repeated one is ambiguous, so it is refused.
+    let twice = |name: &str| bad(format!("{name} is given more than once"));
     while let Some(mut field) = form.next_field().await.map_err(malformed)? {
         match field.name().unwrap_or("") {
+            "file" if file.is_some() => return Err(twice("file")),
+            "uploadPath" if path.is_some() => return Err(twice("uploadPath")),
+            "fileName" if name.is_some() => return Err(twice("fileName")),
             "file" => {
                 part_name = field.file_name().map(str::to_string);
                 let mut buf = Vec::new();
@@ -315,6 +352,19 @@ fn string_field(
 }
 
 /// `POST /api/file-url-upload`, JSON `{fileUrl, uploadPath, fileName?}`.
+#[utoipa::path(
+    post,
+    path = "/api/file-url-upload",
+    operation_id = "fileUrlUpload",
+    tag = "uploads",
+    description = "The server downloads `fileUrl` (30 s timeout, the address policy of user-supplied URLs).",
+    request_body(content = crate::openapi::UrlUploadRequest, content_type = "application/json"),
+    responses(
+        (status = 200, description = "Stored.", body = UploadOk),
+        crate::openapi::UploadErrors,
+    ),
+    security(("bearer" = [])),
+)]
 pub async fn url_upload(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -349,6 +399,18 @@ pub async fn url_upload(
 }
 
 /// `POST /api/file-base64-upload`, JSON `{base64Data, uploadPath, fileName?}`.
+#[utoipa::path(
+    post,
+    path = "/api/file-base64-upload",
+    operation_id = "fileBase64Upload",
+    tag = "uploads",
+    request_body(content = crate::openapi::Base64UploadRequest, content_type = "application/json"),
+    responses(
+        (status = 200, description = "Stored.", body = UploadOk),
+        crate::openapi::UploadErrors,
+    ),
+    security(("bearer" = [])),
+)]
 pub async fn base64_upload(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -423,6 +485,18 @@ pub(crate) async fn link_valid(
 }
 
 /// `POST /api/v1/common/download-url` `{"url": ...}`: a link to one of this server's files, valid 20 minutes.
+#[utoipa::path(
+    post,
+    path = "/api/v1/common/download-url",
+    operation_id = "downloadUrl",
+    tag = "account",
+    request_body(content = crate::openapi::DownloadUrlRequest, content_type = "application/json"),
+    responses(
+        (status = 200, description = "A signed link, valid 20 minutes.", body = Envelope<String>),
+        crate::openapi::DownloadUrlErrors,
+    ),
+    security(("bearer" = [])),
+)]
 pub async fn download_url(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,

@@ -6,23 +6,49 @@ use remixd_store::TaskRecord;
 use serde::Serialize;
 
 /// The recordInfo `data` object.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RecordInfo {
+    /// 32 lowercase hex characters (UUIDv7 digits).
+    #[schema(pattern = "^[0-9a-f]{32}$")]
     pub task_id: String,
     pub model: String,
+    /// `waiting` → `queuing` → `generating` → `success` | `fail`.
+    #[schema(schema_with = task_state_schema)]
     pub state: &'static str,
+    /// The create request as it was received, as a JSON string.
     pub param: String,
+    /// A JSON string: `""` until success, then `{"resultUrls": [...], "seed": ..., "images": [...]}`.
     pub result_json: String,
+    /// `""` unless failed; then `"422"` bad input, `"501"` generation failed, `"500"`
+    /// internal, `"408"` deadline exceeded or `"499"` cancelled.
+    #[schema(value_type = String)]
     pub fail_code: &'static str,
+    /// `""` unless failed.
     pub fail_msg: String,
+    /// Milliseconds of generation; `0` until terminal.
     pub cost_time: i64,
+    /// Unix milliseconds; absent until terminal.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(required = false, nullable = false)]
     pub complete_time: Option<i64>,
+    /// Unix milliseconds.
     pub create_time: i64,
+    /// Unix milliseconds.
     pub update_time: i64,
+    /// Extension: credits reserved or consumed by the task.
     pub credits_consumed: i64,
+    /// Extension: 0..100.
+    #[schema(maximum = 100)]
     pub progress: u8,
+}
+
+/// `state`: one of the task states, as the contract spells them.
+fn task_state_schema() -> utoipa::openapi::schema::Object {
+    utoipa::openapi::schema::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::schema::Type::String)
+        .enum_values(Some(TaskState::ALL.iter().map(|s| s.as_str())))
+        .build()
 }
 
 impl From<TaskRecord> for RecordInfo {

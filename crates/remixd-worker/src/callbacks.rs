@@ -206,6 +206,12 @@ impl Deliverer {
             },
         };
         let outcome = self.send(&d, &payload).await;
+        let label = match &outcome {
+            AttemptOutcome::Delivered { .. } => "delivered",
+            AttemptOutcome::Retry { .. } => "retry",
+            AttemptOutcome::GiveUp { .. } => "given_up",
+        };
+        metrics::counter!("remixd_callback_attempts_total", "outcome" => label).increment(1);
         match &outcome {
             AttemptOutcome::Delivered { status } => {
                 tracing::info!(delivery = %d.id, task = %d.task_id, status, "callback delivered")

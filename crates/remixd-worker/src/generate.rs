@@ -56,6 +56,7 @@ pub(crate) async fn run_one(ctx: &Arc<Ctx>) -> Result<bool, StoreError> {
     };
     let progress = progress_writer(ctx, &task, done.clone());
 
+    let generation_started = std::time::Instant::now();
     let outcome = match load_job(ctx, &task).await {
         Ok(job) => ctx.engine.generate(job, progress, cancel.clone()).await,
         Err(e) => Err(e),
@@ -75,6 +76,9 @@ pub(crate) async fn run_one(ctx: &Arc<Ctx>) -> Result<bool, StoreError> {
                     return Ok(true);
                 }
                 tracing::info!(task = %id, "task succeeded");
+                metrics::counter!("remixd_tasks_finished_total", "state" => "success", "fail_code" => "").increment(1);
+                metrics::histogram!("remixd_generation_seconds", "engine" => ctx.engine.name().to_string())
+                    .record(generation_started.elapsed().as_secs_f64());
                 ctx.wake.task_finished();
             }
             Err(e) => {
@@ -143,6 +147,7 @@ async fn finish_fail(
         .fail(&task.id, Some(&ctx.cfg.owner), code, msg, now_millis())
         .await?;
     ctx.wake.task_finished();
+    metrics::counter!("remixd_tasks_finished_total", "state" => "fail", "fail_code" => code.as_str()).increment(1);
     Ok(())
 }
 
@@ -319,10 +324,14 @@ async fn store_results(
         let key = format!("results/{}/{token}/{i}.{}", task.id, img.extension());
         let size = img.bytes.len();
         let bytes: Bytes = img.bytes;
-        ctx.blobs
-            .put(&key, bytes)
-            .await
-            .map_err(|e| e.to_string())?;
+        if let Err(e) = ctx.blobs.put(&key, bytes).await {
+            // Leave no half-written result set behind.
+            let _ = ctx
+                .blobs
+                .delete_prefix(&format!("results/{}/{token}", task.id))
+                .await;
+            return Err(e.to_string());
+        }
         urls.push(format!("{base}/files/{key}"));
         meta.push((img.width, img.height, img.content_type, size));
         keys.push(key);

@@ -109,6 +109,7 @@ pub(crate) async fn run_one(ctx: &Arc<Ctx>) -> Result<bool, remixd_store::StoreE
                 )
                 .await?;
             ctx.wake.task_finished();
+            metrics::counter!("remixd_tasks_finished_total", "state" => "fail", "fail_code" => "422").increment(1);
             let _ = ctx.blobs.delete_prefix(&format!("inputs/{id}")).await;
         }
         Some(Err(FetchFailure::Ours(msg))) => {

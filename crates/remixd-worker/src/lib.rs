@@ -236,7 +236,10 @@ async fn reaper(ctx: Arc<Ctx>, shutdown: CancellationToken) {
                 }
                 if !r.failed.is_empty() {
                     ctx.wake.task_finished();
+                    metrics::counter!("remixd_tasks_finished_total", "state" => "fail", "fail_code" => "500")
+                        .increment(r.failed.len() as u64);
                 }
+                metrics::counter!("remixd_tasks_requeued_total").increment(r.requeued.len() as u64);
                 for id in &r.failed {
                     tracing::warn!(task = %id, "lease lapsed with no attempts left; task failed");
                     if let Err(e) = ctx.blobs.delete_prefix(&format!("inputs/{id}")).await {

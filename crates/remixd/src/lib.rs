@@ -12,6 +12,7 @@ pub mod cli;
 pub mod demo;
 pub mod settings;
 pub mod submit;
+pub mod telemetry;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -127,9 +128,6 @@ pub async fn launch_with_listener(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     settings.check()?;
-    if settings.server.metrics_listen.is_some() {
-        anyhow::bail!("server.metrics_listen is not supported by this build yet; leave it unset");
-    }
     let addr = listener.local_addr()?;
     let public_url = settings
         .server
@@ -156,6 +154,13 @@ pub async fn launch_with_listener(
     .context("fetch settings")?;
 
     let tracker = TaskTracker::new();
+    if let Some(addr) = &settings.server.metrics_listen {
+        let l = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("server.metrics_listen: cannot listen on {addr}"))?;
+        tracing::info!(listen = %l.local_addr()?, "metrics on /metrics");
+        telemetry::serve(l, store.clone(), &tracker, shutdown.clone());
+    }
     let wake = Wakeup::default();
     if role != Role::Api {
         let w = &settings.worker;
