@@ -148,40 +148,18 @@ pub async fn callbacks(mut settings: Settings, tasks: usize) -> anyhow::Result<(
         Role::All,
         server_stop.clone(),
     ));
-    let http = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !http
-        .get(format!("{base}/readyz"))
-        .send()
-        .await
-        .map(|r| r.status().is_success())
-        .unwrap_or(false)
-    {
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "the embedded server did not become ready"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    crate::submit::Client::new(&base, "")?
+        .wait_ready(Duration::from_secs(30))
+        .await?;
     let store = crate::open_store(&settings).await?;
     store.add_credits("default", 100_000_000).await?;
     let key = std::fs::read_to_string(settings.data_dir.join("default.key"))?
         .trim()
         .to_string();
+    let client = crate::submit::Client::new(&base, &key)?;
     let create = |body: Value| {
-        let (http, base, key) = (http.clone(), base.clone(), key.clone());
-        async move {
-            let r: Value = http
-                .post(format!("{base}/api/v1/jobs/createTask"))
-                .bearer_auth(&key)
-                .json(&body)
-                .send()
-                .await?
-                .json()
-                .await?;
-            anyhow::ensure!(r["code"] == 200, "createTask: {r}");
-            Ok::<_, anyhow::Error>(())
-        }
+        let client = &client;
+        async move { client.create(&body).await.map(drop) }
     };
     let wait_for = |n: usize, secs: u64| {
         let seen = seen.clone();

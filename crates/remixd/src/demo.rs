@@ -6,12 +6,11 @@
 //! HTTP, follows it with a progress bar, downloads the images and prints the record.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context;
 use axum::routing::get;
-use indicatif::{ProgressBar, ProgressStyle};
-use serde_json::{json, Value};
+use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::settings::Settings;
@@ -77,25 +76,14 @@ pub async fn run(mut settings: Settings, out: &Path) -> anyhow::Result<()> {
 }
 
 async fn drive(base: &str, samples: &str, settings: &Settings, out: &Path) -> anyhow::Result<()> {
-    let http = reqwest::Client::new();
-    // Ready when /readyz says so (the first start also wrote the key file).
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(r) = http.get(format!("{base}/readyz")).send().await {
-            if r.status().is_success() {
-                break;
-            }
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "the embedded server did not become ready"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    // Ready when /readyz says so (the first start has also written the key file).
+    crate::submit::Client::new(base, "")?
+        .wait_ready(Duration::from_secs(30))
+        .await?;
     let key = std::fs::read_to_string(settings.data_dir.join("default.key"))?
         .trim()
         .to_string();
-
+    let client = crate::submit::Client::new(base, &key)?;
     let body = json!({
         "model": "ideogram/character-remix",
         "input": {
@@ -110,65 +98,16 @@ async fn drive(base: &str, samples: &str, settings: &Settings, out: &Path) -> an
             "style": "AUTO"
         }
     });
-    let created: Value = http
-        .post(format!("{base}/api/v1/jobs/createTask"))
-        .bearer_auth(&key)
-        .json(&body)
-        .send()
-        .await?
-        .json()
-        .await?;
-    anyhow::ensure!(created["code"] == 200, "createTask answered {created}");
-    let task_id = created["data"]["taskId"]
-        .as_str()
-        .context("no taskId")?
-        .to_string();
+    let task_id = client.create(&body).await?;
     println!("created task {task_id}");
-
-    let bar = ProgressBar::new(100);
-    bar.set_style(ProgressStyle::with_template(
-        "{spinner} [{elapsed_precise}] {bar:40} {pos:>3}% {msg}",
-    )?);
-    let record = loop {
-        let r: Value = http
-            .get(format!("{base}/api/v1/jobs/recordInfo"))
-            .query(&[("taskId", &task_id)])
-            .bearer_auth(&key)
-            .send()
-            .await?
-            .json()
-            .await?;
-        let data = r["data"].clone();
-        let state = data["state"].as_str().unwrap_or("?").to_string();
-        bar.set_position(data["progress"].as_u64().unwrap_or(0));
-        bar.set_message(state.clone());
-        if state == "success" || state == "fail" {
-            bar.finish_with_message(state);
-            break data;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-
+    let record = client.follow(&task_id).await?;
     if record["state"] == "success" {
-        let result: Value = serde_json::from_str(record["resultJson"].as_str().unwrap_or("{}"))?;
-        std::fs::create_dir_all(out)?;
-        for (i, url) in result["resultUrls"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .enumerate()
-        {
-            let url = url.as_str().context("result URL")?;
-            let bytes = http
-                .get(url)
-                .send()
-                .await?
-                .error_for_status()?
-                .bytes()
-                .await?;
-            let path = out.join(format!("{task_id}-{i}.png"));
-            std::fs::write(&path, &bytes)?;
-            println!("wrote {} ({} bytes)", path.display(), bytes.len());
+        for path in client.download(&task_id, &record, out).await? {
+            println!(
+                "wrote {} ({} bytes)",
+                path.display(),
+                std::fs::metadata(&path)?.len()
+            );
         }
     }
     println!("{}", serde_json::to_string_pretty(&record)?);

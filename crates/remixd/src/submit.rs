@@ -204,12 +204,7 @@ pub async fn run(
     default_base: String,
     default_key_file: PathBuf,
 ) -> anyhow::Result<()> {
-    let base = args
-        .server
-        .clone()
-        .unwrap_or(default_base)
-        .trim_end_matches('/')
-        .to_string();
+    let base = args.server.clone().unwrap_or(default_base);
     let key = match (&args.key, std::env::var("REMIXD_KEY")) {
         (Some(k), _) => k.clone(),
         (None, Ok(k)) if !k.is_empty() => k,
@@ -223,30 +218,28 @@ pub async fn run(
             .trim()
             .to_string(),
     };
-    let http = reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(10))
-        .build()?;
-
+    let client = Client::new(&base, &key)?;
+    let (http, base, key) = (&client.http, client.base.as_str(), client.key.as_str());
     let mut input = Map::new();
     input.insert("prompt".into(), json!(args.prompt));
     input.insert(
         "image_url".into(),
-        json!(input_url(&http, &base, &key, &args.image).await?),
+        json!(input_url(http, base, key, &args.image).await?),
     );
     input.insert(
         "reference_image_urls".into(),
-        json!([input_url(&http, &base, &key, &args.character).await?]),
+        json!([input_url(http, base, key, &args.character).await?]),
     );
     if let Some(m) = &args.mask {
         input.insert(
             "reference_mask_urls".into(),
-            json!(input_url(&http, &base, &key, m).await?),
+            json!(input_url(http, base, key, m).await?),
         );
     }
     if !args.styles.is_empty() {
         let mut urls = Vec::new();
         for s in &args.styles {
-            urls.push(input_url(&http, &base, &key, s).await?);
+            urls.push(input_url(http, base, key, s).await?);
         }
         input.insert("image_urls".into(), json!(urls));
     }
@@ -269,30 +262,9 @@ pub async fn run(
         input.insert("strength".into(), json!(s));
     }
     let body = json!({"model": remixd_domain::MODEL_NAME, "input": input});
-    let v: Value = http
-        .post(format!("{base}/api/v1/jobs/createTask"))
-        .bearer_auth(&key)
-        .json(&body)
-        .send()
-        .await
-        .with_context(|| format!("cannot reach {base}"))?
-        .json()
-        .await?;
-    let id = envelope_data(&v, "createTask")?["taskId"]
-        .as_str()
-        .context("no taskId")?
-        .to_string();
+    let id = client.create(&body).await?;
     eprintln!("task {id}");
-
-    let bar = ProgressBar::new(100);
-    bar.set_style(ProgressStyle::with_template(
-        "{spinner} [{elapsed_precise}] {bar:40} {pos:>3}% {msg}",
-    )?);
-    let record = match follow_stream(&http, &base, &key, &id, &bar).await {
-        Some(r) => r,
-        None => poll(&http, &base, &key, &id, &bar).await?,
-    };
-    bar.finish_with_message(record["state"].as_str().unwrap_or("?").to_string());
+    let record = client.follow(&id).await?;
     if record["state"] != "success" {
         anyhow::bail!(
             "task {id} failed ({}): {}",
@@ -300,29 +272,113 @@ pub async fn run(
             record["failMsg"].as_str().unwrap_or("")
         );
     }
-    let result: Value = serde_json::from_str(record["resultJson"].as_str().unwrap_or("{}"))?;
-    std::fs::create_dir_all(&args.out)?;
-    for (i, url) in result["resultUrls"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .enumerate()
-    {
-        let url = url.as_str().context("result URL")?;
-        let resp = http.get(url).send().await?.error_for_status()?;
-        let ext = match resp
-            .headers()
-            .get("content-type")
-            .and_then(|v| v.to_str().ok())
-        {
-            Some("image/jpeg") => "jpg",
-            Some("image/webp") => "webp",
-            _ => "png",
-        };
-        let bytes = resp.bytes().await?;
-        let path = args.out.join(format!("{id}-{i}.{ext}"));
-        std::fs::write(&path, &bytes)?;
+    for path in client.download(&id, &record, &args.out).await? {
         println!("{}", path.display());
     }
     Ok(())
+}
+
+/// A client of the task API, shared by `submit`, `demo` and `bench`.
+pub struct Client {
+    pub http: reqwest::Client,
+    pub base: String,
+    pub key: String,
+}
+
+impl Client {
+    pub fn new(base: &str, key: &str) -> anyhow::Result<Self> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .build()?;
+        Ok(Self {
+            http,
+            base: base.trim_end_matches('/').to_string(),
+            key: key.to_string(),
+        })
+    }
+
+    /// Waits until `/readyz` answers 200.
+    pub async fn wait_ready(&self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Ok(r) = self.http.get(format!("{}/readyz", self.base)).send().await {
+                if r.status().is_success() {
+                    return Ok(());
+                }
+            }
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "{} did not become ready",
+                self.base
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// createTask; the new task's id.
+    pub async fn create(&self, body: &Value) -> anyhow::Result<String> {
+        let v: Value = self
+            .http
+            .post(format!("{}/api/v1/jobs/createTask", self.base))
+            .bearer_auth(&self.key)
+            .json(body)
+            .send()
+            .await
+            .with_context(|| format!("cannot reach {}", self.base))?
+            .json()
+            .await?;
+        Ok(envelope_data(&v, "createTask")?["taskId"]
+            .as_str()
+            .context("no taskId")?
+            .to_string())
+    }
+
+    /// Follows a task to its end with a progress bar: the SSE stream, else polling.
+    pub async fn follow(&self, id: &str) -> anyhow::Result<Value> {
+        let bar = ProgressBar::new(100);
+        bar.set_style(ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:40} {pos:>3}% {msg}",
+        )?);
+        let record = match follow_stream(&self.http, &self.base, &self.key, id, &bar).await {
+            Some(r) => r,
+            None => poll(&self.http, &self.base, &self.key, id, &bar).await?,
+        };
+        bar.finish_with_message(record["state"].as_str().unwrap_or("?").to_string());
+        Ok(record)
+    }
+
+    /// Downloads a successful task's images into `out`; their paths.
+    pub async fn download(
+        &self,
+        id: &str,
+        record: &Value,
+        out: &Path,
+    ) -> anyhow::Result<Vec<PathBuf>> {
+        let result: Value = serde_json::from_str(record["resultJson"].as_str().unwrap_or("{}"))?;
+        std::fs::create_dir_all(out)?;
+        let mut paths = Vec::new();
+        for (i, url) in result["resultUrls"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .enumerate()
+        {
+            let url = url.as_str().context("result URL")?;
+            let resp = self.http.get(url).send().await?.error_for_status()?;
+            let ext = match resp
+                .headers()
+                .get("content-type")
+                .and_then(|v| v.to_str().ok())
+            {
+                Some("image/jpeg") => "jpg",
+                Some("image/webp") => "webp",
+                _ => "png",
+            };
+            let bytes = resp.bytes().await?;
+            let path = out.join(format!("{id}-{i}.{ext}"));
+            std::fs::write(&path, &bytes)?;
+            paths.push(path);
+        }
+        Ok(paths)
+    }
 }
