@@ -138,6 +138,11 @@ impl ImageServer {
         format!("{}/{}", self.base, path.trim_start_matches('/'))
     }
 
+    /// A createTask body using this server's sample base and character images.
+    pub fn sample_task(&self, extra: Value) -> Value {
+        task_body(&self.url("coffee.webp"), &self.url("astronaut.webp"), extra)
+    }
+
     /// How many requests the server has answered.
     pub fn hits(&self) -> usize {
         self.state.hits.load(Ordering::SeqCst)

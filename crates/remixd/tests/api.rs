@@ -22,11 +22,7 @@ async fn happy_path_from_create_to_downloaded_images() {
         "the first start gives the default account 1000 credits"
     );
 
-    let body = task_body(
-        &img.url("coffee.webp"),
-        &img.url("astronaut.webp"),
-        json!({"num_images": "2", "seed": 99, "reference_mask_urls": img.url("mask.png"), "rendering_speed": "TURBO"}),
-    );
+    let body = img.sample_task(json!({"num_images": "2", "seed": 99, "reference_mask_urls": img.url("mask.png"), "rendering_speed": "TURBO"}));
     let created = srv.api.create(&body).await;
     assert_eq!(
         (created.status, created.code(), created.msg()),
@@ -139,14 +135,7 @@ async fn happy_path_from_create_to_downloaded_images() {
 async fn a_task_without_a_seed_records_the_one_it_drew() {
     let srv = TestServer::start().await;
     let img = ImageServer::start().await;
-    let id = srv
-        .api
-        .create_ok(&task_body(
-            &img.url("coffee.webp"),
-            &img.url("astronaut.webp"),
-            json!({}),
-        ))
-        .await;
+    let id = srv.api.create_ok(&img.sample_task(json!({}))).await;
     let data = srv.api.wait_done(&id, DONE).await;
     let result: Value = serde_json::from_str(data["resultJson"].as_str().unwrap()).unwrap();
     let seed = result["seed"].as_i64().unwrap();
@@ -332,14 +321,7 @@ async fn auth_failures_are_401() {
 async fn another_accounts_task_is_not_found() {
     let srv = TestServer::start().await;
     let img = ImageServer::start().await;
-    let id = srv
-        .api
-        .create_ok(&task_body(
-            &img.url("coffee.webp"),
-            &img.url("astronaut.webp"),
-            json!({}),
-        ))
-        .await;
+    let id = srv.api.create_ok(&img.sample_task(json!({}))).await;
     let stranger = srv.account("stranger", 100, KeyLimits::default()).await;
     let a = stranger.record(&id).await;
     assert_eq!((a.status, a.code(), a.msg()), (404, 404, "Task not found"));
@@ -528,14 +510,7 @@ async fn a_loopback_url_is_refused_unless_fetch_allow_names_it() {
     // No fetch.allow: the loopback image server must never be asked.
     let srv = TestServer::start_with(|s| s.fetch.allow.clear()).await;
     let img = ImageServer::start().await;
-    let id = srv
-        .api
-        .create_ok(&task_body(
-            &img.url("coffee.webp"),
-            &img.url("astronaut.webp"),
-            json!({}),
-        ))
-        .await;
+    let id = srv.api.create_ok(&img.sample_task(json!({}))).await;
     let data = srv.api.wait_done(&id, DONE).await;
     assert_eq!(
         (data["state"].as_str(), data["failCode"].as_str()),

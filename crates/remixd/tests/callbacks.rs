@@ -18,11 +18,7 @@ use sha2::Sha256;
 const WAIT: Duration = Duration::from_secs(30);
 
 fn with_callback(img: &ImageServer, url: &str) -> Value {
-    let mut b = task_body(
-        &img.url("coffee.webp"),
-        &img.url("astronaut.webp"),
-        json!({}),
-    );
+    let mut b = img.sample_task(json!({}));
     b["callBackUrl"] = json!(url);
     b
 }

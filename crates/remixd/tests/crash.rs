@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use remixd_testkit::{task_body, Api, ImageServer};
+use remixd_testkit::{Api, ImageServer};
 use serde_json::{json, Value};
 
 fn free_port() -> u16 {
@@ -103,11 +103,7 @@ async fn sigkill_at_any_moment_loses_no_task_and_no_credit() {
         .output()
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "100000");
-    let body = task_body(
-        &img.url("coffee.webp"),
-        &img.url("astronaut.webp"),
-        json!({"num_images": 2, "rendering_speed": "TURBO"}),
-    );
+    let body = img.sample_task(json!({"num_images": 2, "rendering_speed": "TURBO"}));
 
     let mut accepted: Vec<String> = Vec::new();
     // Three kills: during a create burst, mid-generation, and right after a restart.
@@ -216,11 +212,7 @@ async fn sigterm_drains_and_exits_cleanly() {
         .trim()
         .to_string();
     let api = Api::new(&base, &key);
-    let body = task_body(
-        &img.url("coffee.webp"),
-        &img.url("astronaut.webp"),
-        json!({"num_images": 3}),
-    );
+    let body = img.sample_task(json!({"num_images": 3}));
     let mut ids = Vec::new();
     for _ in 0..4 {
         ids.push(api.create_ok(&body).await);

@@ -80,11 +80,7 @@ async fn cancelling_a_generating_task_stops_the_engine_and_refunds() {
     let srv = TestServer::start_with(|s| s.engine.preview.delay_ms = 3000).await;
     let img = ImageServer::start().await;
     let rx = Receiver::start().await;
-    let mut body = task_body(
-        &img.url("coffee.webp"),
-        &img.url("astronaut.webp"),
-        json!({"num_images": 4}),
-    );
+    let mut body = img.sample_task(json!({"num_images": 4}));
     body["callBackUrl"] = json!(rx.url("ok"));
     let id = srv.api.create_ok(&body).await;
     assert_eq!(srv.api.balance().await, 1000 - 72);
@@ -118,14 +114,7 @@ async fn cancelling_a_generating_task_stops_the_engine_and_refunds() {
 
     // The engine stopped: the worker is free for the next task well before 12 s of images.
     let started = Instant::now();
-    let quick = srv
-        .api
-        .create_ok(&task_body(
-            &img.url("coffee.webp"),
-            &img.url("astronaut.webp"),
-            json!({}),
-        ))
-        .await;
+    let quick = srv.api.create_ok(&img.sample_task(json!({}))).await;
     let d = srv.api.wait_done(&quick, WAIT).await;
     assert_eq!(d["state"], "success");
     assert!(
@@ -199,11 +188,7 @@ async fn the_stream_sends_each_change_and_closes_after_the_end() {
     let img = ImageServer::start().await;
     let id = srv
         .api
-        .create_ok(&task_body(
-            &img.url("coffee.webp"),
-            &img.url("astronaut.webp"),
-            json!({"num_images": 3}),
-        ))
+        .create_ok(&img.sample_task(json!({"num_images": 3})))
         .await;
     let resp = srv
         .api

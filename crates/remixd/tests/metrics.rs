@@ -19,14 +19,7 @@ async fn metrics_report_tasks_and_outcomes_on_their_own_listener() {
         TestServer::start_with(|s| s.server.metrics_listen = Some(format!("127.0.0.1:{port}")))
             .await;
     let img = ImageServer::start().await;
-    let ok = srv
-        .api
-        .create_ok(&task_body(
-            &img.url("coffee.webp"),
-            &img.url("astronaut.webp"),
-            json!({}),
-        ))
-        .await;
+    let ok = srv.api.create_ok(&img.sample_task(json!({}))).await;
     let bad = srv
         .api
         .create_ok(&task_body(

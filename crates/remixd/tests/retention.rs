@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use common::TestServer;
-use remixd_testkit::{samples, task_body, ImageServer};
+use remixd_testkit::{samples, ImageServer};
 use serde_json::{json, Value};
 
 fn files_under(dir: &std::path::Path) -> usize {
@@ -39,14 +39,7 @@ async fn results_uploads_and_records_expire_and_are_deleted() {
     })
     .await;
     let img = ImageServer::start().await;
-    let id = srv
-        .api
-        .create_ok(&task_body(
-            &img.url("coffee.webp"),
-            &img.url("astronaut.webp"),
-            json!({}),
-        ))
-        .await;
+    let id = srv.api.create_ok(&img.sample_task(json!({}))).await;
     let data = srv.api.wait_done(&id, Duration::from_secs(30)).await;
     let result: Value = serde_json::from_str(data["resultJson"].as_str().unwrap()).unwrap();
     let result_url = result["resultUrls"][0].as_str().unwrap().to_string();
