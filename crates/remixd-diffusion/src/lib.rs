@@ -1,0 +1,17 @@
+//! Stable Diffusion 1.x/2.x on candle, built from the diffusers directory layout.
+//!
+//! remixd owns these modules (CLIP text encoder, UNet, VAE) rather than building on
+//! candle-transformers: the character conditioning needs hooks inside attention, and the
+//! reference implementation's exact GELU must be matched for numerical parity.
+//!
+//! Nothing here knows about tasks, HTTP or storage; the `local` engine adapter wraps it.
+
+mod blocks;
+pub mod clip;
+pub mod error;
+pub mod scheduler;
+pub mod tokenizer;
+pub mod unet;
+pub mod vae;
+
+pub use error::{Error, Result};
