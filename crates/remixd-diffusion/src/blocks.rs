@@ -1,1 +1,459 @@
-//! (in progress)
+//! Building blocks shared by the UNet and the VAE: residual blocks, down- and
+//! upsamplers, attention and the spatial transformer.
+//!
+//! Everything here computes in the dtype of its weights (f32 on CPU). The layer names
+//! follow the diffusers state dict, so a `VarBuilder` prefixed with a block's path finds
+//! its tensors.
+
+use candle_core::{Module, Result, Tensor, D};
+use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, LayerNorm, Linear, VarBuilder};
+
+/// A 2-D convolution with a square kernel, as diffusers builds them.
+pub(crate) fn conv2d(
+    vb: VarBuilder,
+    in_channels: usize,
+    out_channels: usize,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+) -> Result<Conv2d> {
+    let cfg = Conv2dConfig {
+        padding,
+        stride,
+        ..Default::default()
+    };
+    candle_nn::conv2d(in_channels, out_channels, kernel, cfg, vb)
+}
+
+/// A group norm with an affine transform.
+pub(crate) fn group_norm(
+    vb: VarBuilder,
+    groups: usize,
+    channels: usize,
+    eps: f64,
+) -> Result<GroupNorm> {
+    candle_nn::group_norm(groups, channels, eps, vb)
+}
+
+/// `ResnetBlock2D` with the default time-embedding handling (added after `conv1`).
+#[derive(Debug, Clone)]
+pub(crate) struct ResnetBlock2D {
+    norm1: GroupNorm,
+    conv1: Conv2d,
+    time_emb_proj: Option<Linear>,
+    norm2: GroupNorm,
+    conv2: Conv2d,
+    conv_shortcut: Option<Conv2d>,
+    output_scale_factor: f64,
+}
+
+/// The sizes of one [`ResnetBlock2D`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ResnetConfig {
+    pub in_channels: usize,
+    pub out_channels: usize,
+    /// Width of the time embedding; `None` for blocks without one (the VAE).
+    pub temb_channels: Option<usize>,
+    pub groups: usize,
+    pub eps: f64,
+    pub output_scale_factor: f64,
+}
+
+impl ResnetBlock2D {
+    pub(crate) fn new(vb: VarBuilder, cfg: ResnetConfig) -> Result<Self> {
+        let (cin, cout) = (cfg.in_channels, cfg.out_channels);
+        let norm1 = group_norm(vb.pp("norm1"), cfg.groups, cin, cfg.eps)?;
+        let conv1 = conv2d(vb.pp("conv1"), cin, cout, 3, 1, 1)?;
+        let time_emb_proj = match cfg.temb_channels {
+            Some(t) => Some(candle_nn::linear(t, cout, vb.pp("time_emb_proj"))?),
+            None => None,
+        };
+        let norm2 = group_norm(vb.pp("norm2"), cfg.groups, cout, cfg.eps)?;
+        let conv2 = conv2d(vb.pp("conv2"), cout, cout, 3, 1, 1)?;
+        let conv_shortcut = if cin != cout {
+            Some(conv2d(vb.pp("conv_shortcut"), cin, cout, 1, 1, 0)?)
+        } else {
+            None
+        };
+        Ok(Self {
+            norm1,
+            conv1,
+            time_emb_proj,
+            norm2,
+            conv2,
+            conv_shortcut,
+            output_scale_factor: cfg.output_scale_factor,
+        })
+    }
+
+    /// `temb` is the activated-later time embedding `(b, temb_channels)`; ignored when
+    /// the block was built without one.
+    pub(crate) fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
+        let h = self.norm1.forward(x)?.silu()?;
+        let mut h = self.conv1.forward(&h)?;
+        if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
+            let t = proj.forward(&temb.silu()?)?.unsqueeze(2)?.unsqueeze(3)?;
+            h = h.broadcast_add(&t)?;
+        }
+        let h = self.norm2.forward(&h)?.silu()?;
+        let h = self.conv2.forward(&h)?;
+        let out = match &self.conv_shortcut {
+            Some(c) => (c.forward(x)? + h)?,
+            None => (x + h)?,
+        };
+        if self.output_scale_factor == 1.0 {
+            Ok(out)
+        } else {
+            out / self.output_scale_factor
+        }
+    }
+}
+
+/// `Downsample2D` with a convolution of stride 2. With `padding == 0` the input is
+/// first padded by one zero row at the bottom and one zero column at the right, as the
+/// VAE encoder does.
+#[derive(Debug, Clone)]
+pub(crate) struct Downsample2D {
+    conv: Conv2d,
+    pad_bottom_right: bool,
+}
+
+impl Downsample2D {
+    pub(crate) fn new(vb: VarBuilder, channels: usize, padding: usize) -> Result<Self> {
+        let conv = conv2d(vb.pp("conv"), channels, channels, 3, 2, padding)?;
+        Ok(Self {
+            conv,
+            pad_bottom_right: padding == 0,
+        })
+    }
+
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if self.pad_bottom_right {
+            let x = x
+                .pad_with_zeros(D::Minus1, 0, 1)?
+                .pad_with_zeros(D::Minus2, 0, 1)?;
+            self.conv.forward(&x)
+        } else {
+            self.conv.forward(x)
+        }
+    }
+}
+
+/// `Upsample2D`: nearest-neighbour interpolation followed by a 3×3 convolution.
+#[derive(Debug, Clone)]
+pub(crate) struct Upsample2D {
+    conv: Conv2d,
+}
+
+impl Upsample2D {
+    pub(crate) fn new(vb: VarBuilder, channels: usize) -> Result<Self> {
+        let conv = conv2d(vb.pp("conv"), channels, channels, 3, 1, 1)?;
+        Ok(Self { conv })
+    }
+
+    /// Upsamples to `size` (height, width), or to twice the input size when `None`.
+    pub(crate) fn forward(&self, x: &Tensor, size: Option<(usize, usize)>) -> Result<Tensor> {
+        let (_, _, h, w) = x.dims4()?;
+        let (th, tw) = size.unwrap_or((2 * h, 2 * w));
+        let x = x.upsample_nearest2d(th, tw)?;
+        self.conv.forward(&x)
+    }
+}
+
+/// Scaled dot-product attention over `heads` heads.
+///
+/// `q` is `(b, n, heads·d)`, `k` and `v` are `(b, m, heads·d)`; the result is
+/// `(b, n, heads·d)`. The heads are folded into the batch so that each product is one
+/// batched matrix multiplication.
+pub(crate) fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, n, inner) = q.dims3()?;
+    let m = k.dim(1)?;
+    let d = inner / heads;
+    let scale = 1.0 / (d as f64).sqrt();
+    let split = |x: &Tensor, len: usize| -> Result<Tensor> {
+        if heads == 1 {
+            x.contiguous()
+        } else {
+            x.reshape((b, len, heads, d))?
+                .transpose(1, 2)?
+                .contiguous()?
+                .reshape((b * heads, len, d))
+        }
+    };
+    let q = (split(q, n)? * scale)?;
+    let k = split(k, m)?;
+    let v = split(v, m)?;
+    let weights = candle_nn::ops::softmax_last_dim(&q.matmul(&k.t()?)?)?;
+    let out = weights.matmul(&v)?;
+    if heads == 1 {
+        Ok(out)
+    } else {
+        out.reshape((b, heads, n, d))?
+            .transpose(1, 2)?
+            .reshape((b, n, inner))
+    }
+}
+
+/// diffusers' `Attention` as the transformer blocks use it: separate q/k/v projections
+/// (no bias), an output projection with bias, `heads` heads of `inner / heads` each.
+#[derive(Debug, Clone)]
+pub(crate) struct Attention {
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+    heads: usize,
+}
+
+impl Attention {
+    /// `context_dim` is the width of the keys' and values' input (the query width for
+    /// self-attention).
+    pub(crate) fn new(
+        vb: VarBuilder,
+        query_dim: usize,
+        context_dim: usize,
+        heads: usize,
+        head_dim: usize,
+    ) -> Result<Self> {
+        let inner = heads * head_dim;
+        Ok(Self {
+            to_q: candle_nn::linear_no_bias(query_dim, inner, vb.pp("to_q"))?,
+            to_k: candle_nn::linear_no_bias(context_dim, inner, vb.pp("to_k"))?,
+            to_v: candle_nn::linear_no_bias(context_dim, inner, vb.pp("to_v"))?,
+            to_out: candle_nn::linear(inner, query_dim, vb.pp("to_out").pp("0"))?,
+            heads,
+        })
+    }
+
+    /// Attends from `x` `(b, n, query_dim)` to `context` `(b, m, context_dim)`.
+    pub(crate) fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let q = self.to_q.forward(x)?;
+        let k = self.to_k.forward(context)?;
+        let v = self.to_v.forward(context)?;
+        let out = attention(&q, &k, &v, self.heads)?;
+        self.to_out.forward(&out)
+    }
+}
+
+/// The feed-forward of a transformer block: a GEGLU projection (exact erf GELU on the
+/// gate half) and a linear layer back to the model width.
+#[derive(Debug, Clone)]
+struct FeedForward {
+    proj: Linear,
+    out: Linear,
+    inner: usize,
+}
+
+impl FeedForward {
+    fn new(vb: VarBuilder, dim: usize, mult: usize) -> Result<Self> {
+        let inner = dim * mult;
+        Ok(Self {
+            proj: candle_nn::linear(dim, 2 * inner, vb.pp("net.0.proj"))?,
+            out: candle_nn::linear(inner, dim, vb.pp("net.2"))?,
+            inner,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let h = self.proj.forward(x)?;
+        let value = h.narrow(D::Minus1, 0, self.inner)?;
+        let gate = h.narrow(D::Minus1, self.inner, self.inner)?.gelu_erf()?;
+        self.out.forward(&(value * gate)?)
+    }
+}
+
+/// diffusers' `BasicTransformerBlock` (layer norms, self-attention, cross-attention,
+/// GEGLU feed-forward, each with a residual).
+#[derive(Debug, Clone)]
+pub(crate) struct TransformerBlock {
+    /// Position of this block's self-attention among all self-attention layers of the
+    /// model, in the order the forward pass runs them (0, 1, 2, …).
+    pub(crate) index: usize,
+    norm1: LayerNorm,
+    attn1: Attention,
+    norm2: LayerNorm,
+    attn2: Attention,
+    norm3: LayerNorm,
+    ff: FeedForward,
+}
+
+impl TransformerBlock {
+    fn new(
+        vb: VarBuilder,
+        dim: usize,
+        heads: usize,
+        head_dim: usize,
+        cross_attention_dim: usize,
+        index: usize,
+    ) -> Result<Self> {
+        let ln = |name: &str| candle_nn::layer_norm(dim, 1e-5, vb.pp(name));
+        Ok(Self {
+            index,
+            norm1: ln("norm1")?,
+            attn1: Attention::new(vb.pp("attn1"), dim, dim, heads, head_dim)?,
+            norm2: ln("norm2")?,
+            attn2: Attention::new(vb.pp("attn2"), dim, cross_attention_dim, heads, head_dim)?,
+            norm3: ln("norm3")?,
+            ff: FeedForward::new(vb.pp("ff"), dim, 4)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let h = self.norm1.forward(x)?;
+        let x = (self.self_attention(&h)? + x)?;
+        let h = self.norm2.forward(&x)?;
+        let x = (self.attn2.forward(&h, context)? + x)?;
+        let h = self.norm3.forward(&x)?;
+        self.ff.forward(&h)? + x
+    }
+
+    /// The self-attention of this block on the normalised hidden states `h`.
+    ///
+    /// This is the single place where attention sharing ("reference-only") plugs in:
+    /// the keys and values come from `h` here; a hook keyed by [`Self::index`] can
+    /// record `h` in a reference pass and extend the key/value input in the main pass.
+    fn self_attention(&self, h: &Tensor) -> Result<Tensor> {
+        self.attn1
+            .forward(h, h)
+            .map_err(|e| e.context(format!("self-attention layer {}", self.index)))
+    }
+}
+
+/// How a [`Transformer2D`] is laid out.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Transformer2DConfig {
+    pub channels: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+    pub layers: usize,
+    pub cross_attention_dim: usize,
+    pub groups: usize,
+    pub use_linear_projection: bool,
+}
+
+/// The input/output projection of a [`Transformer2D`]: a 1×1 convolution on the image
+/// layout or a linear layer on the sequence layout.
+#[derive(Debug, Clone)]
+enum Projection {
+    Conv(Conv2d),
+    Linear(Linear),
+}
+
+/// diffusers' `Transformer2DModel` on continuous input: group norm, projection in,
+/// transformer blocks over the `h·w` positions, projection out, residual.
+#[derive(Debug, Clone)]
+pub(crate) struct Transformer2D {
+    norm: GroupNorm,
+    proj_in: Projection,
+    blocks: Vec<TransformerBlock>,
+    proj_out: Projection,
+}
+
+impl Transformer2D {
+    /// Builds the model; its blocks take self-attention indices from `next_index` on,
+    /// which is advanced past them.
+    pub(crate) fn new(
+        vb: VarBuilder,
+        cfg: Transformer2DConfig,
+        next_index: &mut usize,
+    ) -> Result<Self> {
+        let c = cfg.channels;
+        let inner = cfg.heads * cfg.head_dim;
+        let norm = group_norm(vb.pp("norm"), cfg.groups, c, 1e-6)?;
+        let (proj_in, proj_out) = if cfg.use_linear_projection {
+            (
+                Projection::Linear(candle_nn::linear(c, inner, vb.pp("proj_in"))?),
+                Projection::Linear(candle_nn::linear(inner, c, vb.pp("proj_out"))?),
+            )
+        } else {
+            (
+                Projection::Conv(conv2d(vb.pp("proj_in"), c, inner, 1, 1, 0)?),
+                Projection::Conv(conv2d(vb.pp("proj_out"), inner, c, 1, 1, 0)?),
+            )
+        };
+        let vbb = vb.pp("transformer_blocks");
+        let mut blocks = Vec::with_capacity(cfg.layers);
+        for i in 0..cfg.layers {
+            blocks.push(TransformerBlock::new(
+                vbb.pp(i.to_string()),
+                inner,
+                cfg.heads,
+                cfg.head_dim,
+                cfg.cross_attention_dim,
+                *next_index,
+            )?);
+            *next_index += 1;
+        }
+        Ok(Self {
+            norm,
+            proj_in,
+            blocks,
+            proj_out,
+        })
+    }
+
+    pub(crate) fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let (b, _, h, w) = x.dims4()?;
+        let normed = self.norm.forward(x)?;
+        let to_seq = |t: &Tensor| -> Result<Tensor> {
+            let c = t.dim(1)?;
+            t.permute((0, 2, 3, 1))?.reshape((b, h * w, c))
+        };
+        let mut s = match &self.proj_in {
+            Projection::Conv(conv) => to_seq(&conv.forward(&normed)?)?,
+            Projection::Linear(lin) => lin.forward(&to_seq(&normed)?)?,
+        };
+        for block in &self.blocks {
+            s = block.forward(&s, context)?;
+        }
+        let to_image = |t: &Tensor| -> Result<Tensor> {
+            let c = t.dim(2)?;
+            t.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?.contiguous()
+        };
+        let out = match &self.proj_out {
+            Projection::Conv(conv) => conv.forward(&to_image(&s)?)?,
+            Projection::Linear(lin) => to_image(&lin.forward(&s)?)?,
+        };
+        out + x
+    }
+}
+
+/// The VAE's mid-block attention: group norm, one head over all channels (q/k/v and
+/// output projections with bias), residual connection.
+#[derive(Debug, Clone)]
+pub(crate) struct SpatialAttention {
+    norm: GroupNorm,
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+}
+
+impl SpatialAttention {
+    pub(crate) fn new(vb: VarBuilder, channels: usize, groups: usize, eps: f64) -> Result<Self> {
+        let lin = |name: &str| candle_nn::linear(channels, channels, vb.pp(name));
+        Ok(Self {
+            norm: group_norm(vb.pp("group_norm"), groups, channels, eps)?,
+            to_q: lin("to_q")?,
+            to_k: lin("to_k")?,
+            to_v: lin("to_v")?,
+            to_out: lin("to_out.0")?,
+        })
+    }
+
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let s = self
+            .norm
+            .forward(x)?
+            .reshape((b, c, h * w))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let q = self.to_q.forward(&s)?;
+        let k = self.to_k.forward(&s)?;
+        let v = self.to_v.forward(&s)?;
+        let out = self.to_out.forward(&attention(&q, &k, &v, 1)?)?;
+        let out = out.transpose(1, 2)?.reshape((b, c, h, w))?;
+        out + x
+    }
+}
