@@ -230,7 +230,7 @@ fn layers_for(spec: &PerBlock<usize>, n: usize) -> Result<Vec<usize>> {
         PerBlock::All(v) => Ok(vec![*v; n]),
         PerBlock::Each(v) if v.len() >= n => Ok(v[..n].to_vec()),
         PerBlock::Each(v) => Err(Error::Unsupported(format!(
-            "unet config: `transformer_layers_per_block` entry {v:?} is shorter than the block's {n} layers"
+            "unet config: `transformer_layers_per_block` entry {v:?} has fewer than {n} layers"
         ))),
     }
 }
@@ -238,86 +238,46 @@ fn layers_for(spec: &PerBlock<usize>, n: usize) -> Result<Vec<usize>> {
 impl UNetConfig {
     /// Checks the config against what this crate implements and resolves it per block.
     fn plan(&self) -> Result<Plan> {
-        let checks: [(&str, bool, String); 13] = [
-            (
-                "mid_block_type",
-                self.mid_block_type.as_deref() == Some("UNetMidBlock2DCrossAttn"),
-                format!("{:?}", self.mid_block_type),
-            ),
-            (
-                "act_fn",
-                matches!(self.act_fn.as_str(), "silu" | "swish"),
-                self.act_fn.clone(),
-            ),
-            (
-                "dual_cross_attention",
-                !self.dual_cross_attention,
-                "true".into(),
-            ),
-            (
-                "class_embed_type",
-                self.class_embed_type.is_none(),
-                format!("{:?}", self.class_embed_type),
-            ),
-            (
-                "addition_embed_type",
-                self.addition_embed_type.is_none(),
-                format!("{:?}", self.addition_embed_type),
-            ),
-            (
-                "num_class_embeds",
-                self.num_class_embeds.is_none(),
-                format!("{:?}", self.num_class_embeds),
-            ),
-            (
-                "encoder_hid_dim_type",
-                self.encoder_hid_dim_type.is_none() && self.encoder_hid_dim.is_none(),
-                format!(
-                    "{:?} (encoder_hid_dim {:?})",
-                    self.encoder_hid_dim_type, self.encoder_hid_dim
-                ),
-            ),
-            (
-                "resnet_time_scale_shift",
-                self.resnet_time_scale_shift == "default",
-                self.resnet_time_scale_shift.clone(),
-            ),
-            (
-                "time_embedding_type",
-                self.time_embedding_type == "positional",
-                self.time_embedding_type.clone(),
-            ),
-            (
-                "time_embedding_act_fn",
-                self.time_embedding_act_fn.is_none(),
-                format!("{:?}", self.time_embedding_act_fn),
-            ),
-            (
-                "timestep_post_act",
-                self.timestep_post_act.is_none(),
-                format!("{:?}", self.timestep_post_act),
-            ),
-            (
-                "time_cond_proj_dim",
-                self.time_cond_proj_dim.is_none(),
-                format!("{:?}", self.time_cond_proj_dim),
-            ),
-            (
-                "attention_type",
-                self.attention_type == "default" && !self.class_embeddings_concat,
-                format!(
-                    "{:?} (class_embeddings_concat {})",
-                    self.attention_type, self.class_embeddings_concat
-                ),
-            ),
-        ];
-        for (key, ok, value) in checks {
-            if !ok {
-                return Err(Error::Unsupported(format!(
-                    "unet config: `{key}` = {value}"
-                )));
+        let require = |ok: bool, key: &str, value: &dyn std::fmt::Debug| {
+            if ok {
+                Ok(())
+            } else {
+                Err(unsupported(key, value))
             }
-        }
+        };
+        let mid = self.mid_block_type.as_deref();
+        require(
+            mid == Some("UNetMidBlock2DCrossAttn"),
+            "mid_block_type",
+            &mid,
+        )?;
+        let act = self.act_fn.as_str();
+        require(matches!(act, "silu" | "swish"), "act_fn", &act)?;
+        require(!self.dual_cross_attention, "dual_cross_attention", &true)?;
+        let class = &self.class_embed_type;
+        require(class.is_none(), "class_embed_type", class)?;
+        let addition = &self.addition_embed_type;
+        require(addition.is_none(), "addition_embed_type", addition)?;
+        let n_class = &self.num_class_embeds;
+        require(n_class.is_none(), "num_class_embeds", n_class)?;
+        let hid = &self.encoder_hid_dim;
+        require(hid.is_none(), "encoder_hid_dim", hid)?;
+        let hid_type = &self.encoder_hid_dim_type;
+        require(hid_type.is_none(), "encoder_hid_dim_type", hid_type)?;
+        let shift = self.resnet_time_scale_shift.as_str();
+        require(shift == "default", "resnet_time_scale_shift", &shift)?;
+        let t_type = self.time_embedding_type.as_str();
+        require(t_type == "positional", "time_embedding_type", &t_type)?;
+        let t_act = &self.time_embedding_act_fn;
+        require(t_act.is_none(), "time_embedding_act_fn", t_act)?;
+        let post = &self.timestep_post_act;
+        require(post.is_none(), "timestep_post_act", post)?;
+        let cond = &self.time_cond_proj_dim;
+        require(cond.is_none(), "time_cond_proj_dim", cond)?;
+        let attn = self.attention_type.as_str();
+        require(attn == "default", "attention_type", &attn)?;
+        let concat = self.class_embeddings_concat;
+        require(!concat, "class_embeddings_concat", &concat)?;
         let groups = self
             .norm_num_groups
             .ok_or_else(|| unsupported("norm_num_groups", None::<usize>))?;
@@ -336,7 +296,8 @@ impl UNetConfig {
         }
         if self.down_block_types.len() != n || self.up_block_types.len() != n {
             return Err(Error::Unsupported(format!(
-                "unet config: `down_block_types` ({}), `up_block_types` ({}) and `block_out_channels` ({n}) differ in length",
+                "unet config: `down_block_types` ({}), `up_block_types` ({}) and \
+                 `block_out_channels` ({n}) differ in length",
                 self.down_block_types.len(),
                 self.up_block_types.len()
             )));
@@ -943,7 +904,8 @@ mod tests {
             r#"{"addition_embed_type": "text_time"}"#,
             r#"{"class_embed_type": "timestep"}"#,
             r#"{"time_cond_proj_dim": 256}"#,
-            r#"{"down_block_types": ["AttnDownBlock2D", "DownBlock2D", "DownBlock2D", "DownBlock2D"]}"#,
+            r#"{"down_block_types": ["AttnDownBlock2D", "DownBlock2D", "DownBlock2D", "DownBlock2D"]
+               }"#,
             r#"{"only_cross_attention": true}"#,
         ] {
             let cfg: UNetConfig = serde_json::from_str(json).unwrap();
