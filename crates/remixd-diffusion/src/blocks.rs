@@ -160,12 +160,26 @@ impl Upsample2D {
     }
 }
 
+/// Most attention scores computed at once (64 MiB of f32); larger products are split
+/// over heads and query rows so memory stays bounded at high resolutions.
+const MAX_SCORES: usize = 1 << 24;
+
 /// Scaled dot-product attention over `heads` heads.
 ///
 /// `q` is `(b, n, heads·d)`, `k` and `v` are `(b, m, heads·d)`; the result is
 /// `(b, n, heads·d)`. The heads are folded into the batch so that each product is one
 /// batched matrix multiplication.
 pub(crate) fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
+    attention_chunked(q, k, v, heads, MAX_SCORES)
+}
+
+fn attention_chunked(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    max_scores: usize,
+) -> Result<Tensor> {
     let (b, n, inner) = q.dims3()?;
     let m = k.dim(1)?;
     let d = inner / heads;
@@ -183,8 +197,36 @@ pub(crate) fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Res
     let q = (split(q, n)? * scale)?;
     let k = split(k, m)?;
     let v = split(v, m)?;
-    let weights = candle_nn::ops::softmax_last_dim(&q.matmul(&k.t()?)?)?;
-    let out = weights.matmul(&v)?;
+    let bh = b * heads;
+    let out = if bh * n * m <= max_scores {
+        scores_times_values(&q, &k, &v)?
+    } else if n * m <= max_scores {
+        let step = max_scores / (n * m);
+        let parts = (0..bh)
+            .step_by(step)
+            .map(|i| {
+                let len = step.min(bh - i);
+                scores_times_values(
+                    &q.narrow(0, i, len)?,
+                    &k.narrow(0, i, len)?,
+                    &v.narrow(0, i, len)?,
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Tensor::cat(&parts, 0)?
+    } else {
+        let rows = (max_scores / m).max(1);
+        let mut per_head = Vec::with_capacity(bh);
+        for i in 0..bh {
+            let (qi, ki, vi) = (q.narrow(0, i, 1)?, k.narrow(0, i, 1)?, v.narrow(0, i, 1)?);
+            let parts = (0..n)
+                .step_by(rows)
+                .map(|r| scores_times_values(&qi.narrow(1, r, rows.min(n - r))?, &ki, &vi))
+                .collect::<Result<Vec<_>>>()?;
+            per_head.push(Tensor::cat(&parts, 1)?);
+        }
+        Tensor::cat(&per_head, 0)?
+    };
     if heads == 1 {
         Ok(out)
     } else {
@@ -192,6 +234,13 @@ pub(crate) fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Res
             .transpose(1, 2)?
             .reshape((b, n, inner))
     }
+}
+
+/// `softmax(q·kᵀ)·v` for batched `(g, n, d)` queries (already scaled) and `(g, m, d)`
+/// keys and values.
+fn scores_times_values(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    let weights = candle_nn::ops::softmax_last_dim(&q.contiguous()?.matmul(&k.t()?)?)?;
+    weights.matmul(v)
 }
 
 /// diffusers' `Attention` as the transformer blocks use it: separate q/k/v projections
@@ -455,5 +504,48 @@ impl SpatialAttention {
         let out = self.to_out.forward(&attention(&q, &k, &v, 1)?)?;
         let out = out.transpose(1, 2)?.reshape((b, c, h, w))?;
         out + x
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn chunked_attention_matches_whole() {
+        let dev = Device::Cpu;
+        let q = Tensor::randn(0f32, 1., (2, 12, 8), &dev).unwrap();
+        let k = Tensor::randn(0f32, 1., (2, 10, 8), &dev).unwrap();
+        let v = Tensor::randn(0f32, 1., (2, 10, 8), &dev).unwrap();
+        for heads in [1, 2, 4] {
+            let whole = attention_chunked(&q, &k, &v, heads, usize::MAX).unwrap();
+            // 130: one head per chunk; 250: two (or all, for one head); 100 and 7:
+            // query rows split within a head.
+            for max in [130, 250, 100, 7] {
+                let part = attention_chunked(&q, &k, &v, heads, max).unwrap();
+                let diff = (&whole - &part)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                assert!(diff < 1e-6, "heads {heads} max {max}: {diff}");
+            }
+        }
+    }
+
+    #[test]
+    fn single_query_attends_to_its_only_key() {
+        let dev = Device::Cpu;
+        let q = Tensor::randn(0f32, 1., (1, 3, 4), &dev).unwrap();
+        let k = Tensor::randn(0f32, 1., (1, 1, 4), &dev).unwrap();
+        let v = Tensor::randn(0f32, 1., (1, 1, 4), &dev).unwrap();
+        let out = attention(&q, &k, &v, 2).unwrap();
+        let expected = v.broadcast_as((1, 3, 4)).unwrap();
+        let diff = (out - expected).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(diff.to_scalar::<f32>().unwrap() < 1e-6);
     }
 }

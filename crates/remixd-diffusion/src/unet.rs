@@ -899,6 +899,18 @@ mod tests {
     }
 
     #[test]
+    fn missing_weight_is_named() {
+        let dev = candle_core::Device::Cpu;
+        let vb = VarBuilder::from_tensors(Default::default(), DType::F32, &dev);
+        let err = UNet2DConditionModel::new(vb, &UNetConfig::default()).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("UNet") && msg.contains("conv_in.weight"),
+            "{msg}"
+        );
+    }
+
+    #[test]
     fn unsupported_keys_are_named() {
         for json in [
             r#"{"addition_embed_type": "text_time"}"#,

@@ -405,6 +405,34 @@ mod tests {
     }
 
     #[test]
+    fn wrong_shape_is_named() {
+        let dev = Device::Cpu;
+        let bad = Tensor::zeros((64, 3, 1, 1), DType::F32, &dev).unwrap();
+        let tensors = [("encoder.conv_in.weight".to_string(), bad)].into();
+        let vb = VarBuilder::from_tensors(tensors, DType::F32, &dev);
+        let msg = AutoencoderKL::new(vb, &VaeConfig::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("VAE") && msg.contains("encoder.conv_in.weight"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn missing_weights_file_is_named() {
+        let dir = std::env::temp_dir().join(format!("remixd-vae-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("config.json"), "{}").unwrap();
+        let err = AutoencoderKL::load(&dir, &Device::Cpu).unwrap_err();
+        std::fs::remove_dir_all(&dir).unwrap();
+        match err {
+            Error::MissingFile(p) => assert!(p.ends_with("diffusion_pytorch_model.safetensors")),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
     fn unsupported_block_is_named() {
         let cfg: VaeConfig =
             serde_json::from_str(r#"{"down_block_types": ["AttnDownEncoderBlock2D"]}"#).unwrap();
