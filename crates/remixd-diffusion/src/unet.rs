@@ -19,6 +19,8 @@ use crate::error::{read_json, Context, Error, Result};
 /// A config value given once for every block or as a list with one entry per block.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(untagged)]
+// `Each` is tried first, so `[1, 2]` as `PerBlock<PerBlock<usize>>` reads as one value
+// per block rather than one list for all blocks.
 pub enum PerBlock<T> {
     /// One entry per down block (in down-block order).
     Each(Vec<T>),
@@ -86,7 +88,8 @@ pub struct UNetConfig {
     /// SD 1.x/2.x's name for the number of heads (used as such when
     /// `num_attention_heads` is absent, as diffusers does).
     pub attention_head_dim: PerBlock<usize>,
-    /// The number of heads, taking precedence over `attention_head_dim`.
+    /// The number of heads, taking precedence over `attention_head_dim` (diffusers
+    /// itself still refuses configs that set it).
     pub num_attention_heads: Option<PerBlock<usize>>,
     /// Must be false.
     pub dual_cross_attention: bool,
