@@ -3,28 +3,17 @@
 # with the Python reference implementation (diffusers and transformers on PyTorch, CPU, f32).
 #
 # Needs python3 (3.11 is what the pins were made with) and the Python package registry; the
-# virtualenv is made on demand under target/sd-oracle-venv (about 5 GB with torch's CUDA
-# libraries) and reused while scripts/sd-oracle/requirements.txt is unchanged.
+# virtualenv is made on demand under target/sd-oracle-venv by scripts/sd-oracle/venv.sh (about
+# 5 GB with torch's CUDA libraries) and reused while scripts/sd-oracle/requirements.txt is
+# unchanged. scripts/bench-sd.sh shares it.
 # CI never runs this: it reads the committed fixtures.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-venv=target/sd-oracle-venv
-req=scripts/sd-oracle/requirements.txt
 fixtures=crates/remixd-diffusion/tests/fixtures
-python=${PYTHON:-python3}
 
-stamp="$venv/.requirements.sha256"
-want=$(sha256sum "$req" | cut -d' ' -f1)
-if [[ ! -x "$venv/bin/python" || ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]]; then
-  echo "== making $venv"
-  rm -rf "$venv"
-  mkdir -p target
-  "$python" -m venv "$venv"
-  "$venv/bin/python" -m pip install --quiet --upgrade pip
-  "$venv/bin/python" -m pip install --quiet -r "$req"
-  echo "$want" >"$stamp"
-fi
+# shellcheck source=scripts/sd-oracle/venv.sh
+source scripts/sd-oracle/venv.sh
 
 # Deterministic CPU run: no GPU, one thread, a fixed hash seed; the script seeds the rest.
 export CUDA_VISIBLE_DEVICES=""
@@ -35,5 +24,5 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
 echo "== writing $fixtures"
 start=$(date +%s)
-"$venv/bin/python" scripts/sd-oracle/make_fixtures.py --out "$fixtures"
+"$SD_ORACLE_PYTHON" scripts/sd-oracle/make_fixtures.py --out "$fixtures"
 echo "== done in $(($(date +%s) - start)) s; $(du -sh "$fixtures" | cut -f1) in $fixtures"
