@@ -135,7 +135,7 @@ impl Scheduler for Ddim {
             let (x0, eps) = match prediction {
                 Prediction::Epsilon => (((x - (out * sb)?)? / sa)?, out.clone()),
                 Prediction::Sample => (out.clone(), ((x - (out * sa)?)? / sb)?),
-                Prediction::VPrediction => (((x * sa)? - (out * sb)?)?, ((out * sa)? + (x * sb)?)?),
+                Prediction::V => (((x * sa)? - (out * sb)?)?, ((out * sa)? + (x * sb)?)?),
             };
             let x0 = match clip {
                 Some(r) => x0.clamp(-r, r)?,

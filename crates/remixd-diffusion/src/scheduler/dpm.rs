@@ -262,7 +262,7 @@ impl Scheduler for DpmSolver {
             match prediction {
                 Prediction::Epsilon => (x - (out * sigma_s0_vp)?)? / alpha_s0,
                 Prediction::Sample => Ok(out.clone()),
-                Prediction::VPrediction => (x * alpha_s0)? - (out * sigma_s0_vp)?,
+                Prediction::V => (x * alpha_s0)? - (out * sigma_s0_vp)?,
             }
         })?
         .to_dtype(candle_core::DType::F32)?;

@@ -147,7 +147,7 @@ impl Euler {
         }
         sigmas.push(final_sigma);
         let sigmas: Vec<f64> = sigmas.into_iter().map(|s| s as f32 as f64).collect();
-        if continuous && prediction == Prediction::VPrediction {
+        if continuous && prediction == Prediction::V {
             timesteps = sigmas[..sigmas.len() - 1]
                 .iter()
                 .map(|&s| (0.25 * (s as f32).ln()) as f64)
@@ -172,7 +172,7 @@ impl Euler {
     ) -> candle_core::Result<Tensor> {
         match prediction {
             Prediction::Epsilon => x - (out * sigma as f64)?,
-            Prediction::VPrediction => {
+            Prediction::V => {
                 let var = sigma * sigma + 1.0;
                 let c_out = -sigma / var.sqrt();
                 (out * c_out as f64)? + (x / var as f64)?

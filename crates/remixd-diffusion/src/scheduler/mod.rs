@@ -317,8 +317,11 @@ fn nonfinite_as_null(text: &str) -> String {
 /// What the model predicts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Prediction {
+    /// The added noise (`epsilon`).
     Epsilon,
-    VPrediction,
+    /// The velocity `alpha_t * noise - sigma_t * x0` (`v_prediction`).
+    V,
+    /// The clean sample itself (`sample`).
     Sample,
 }
 
@@ -326,7 +329,7 @@ impl Prediction {
     fn parse(value: &str) -> Result<Self> {
         match value {
             "epsilon" => Ok(Self::Epsilon),
-            "v_prediction" => Ok(Self::VPrediction),
+            "v_prediction" => Ok(Self::V),
             "sample" | "original_sample" => Ok(Self::Sample),
             other => Err(unsupported("prediction_type", other)),
         }
