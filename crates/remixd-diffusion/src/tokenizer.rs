@@ -1,8 +1,8 @@
 //! The CLIP byte-level BPE tokenizer, read from a diffusers `tokenizer/` directory.
 //!
 //! Built on the `tokenizers` crate: a normaliser (control characters dropped, NFC,
-//! whitespace runs collapsed, lowercase), CLIP's split pattern, the byte-to-unicode
-//! mapping, BPE with the `</w>` end-of-word suffix, then start and end tokens,
+//! whitespace runs collapsed, lowercase), CJK ideographs split apart, CLIP's split
+//! pattern, the byte-to-unicode mapping, BPE with the `</w>` end-of-word suffix, then start and end tokens,
 //! truncation and padding to `model_max_length`. The result equals the reference
 //! tokenizer's `padding="max_length", truncation=True` output.
 

@@ -161,9 +161,8 @@ impl Euler {
         Ok(self.begin + step)
     }
 
-    /// The predicted clean sample. The scalar coefficients are computed in f32, as
-    /// diffusers computes them from its f32 sigmas (this matters for the huge first sigma
-    /// of zero-terminal-SNR schedules).
+    /// The predicted clean sample. The scalar coefficients are computed in f32 from the
+    /// f32 sigmas, as diffusers computes them.
     fn denoised(
         prediction: Prediction,
         out: &Tensor,
