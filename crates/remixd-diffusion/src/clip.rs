@@ -122,7 +122,7 @@ impl ClipTextConfig {
 
     fn validate(&self) -> Result<()> {
         self.activation()?;
-        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+        if self.hidden_size.checked_rem(self.num_attention_heads) != Some(0) {
             return Err(Error::Unsupported(format!(
                 "text encoder hidden_size {} is not a multiple of num_attention_heads {}",
                 self.hidden_size, self.num_attention_heads

@@ -1,8 +1,8 @@
 //! The CLIP byte-level BPE tokenizer, read from a diffusers `tokenizer/` directory.
 //!
 //! Built on the `tokenizers` crate: a normaliser (control characters dropped, NFC,
-//! whitespace runs collapsed, lowercase), CLIP's split pattern, the byte-to-unicode
-//! mapping, BPE with the `</w>` end-of-word suffix, then start and end tokens,
+//! whitespace runs collapsed, lowercase), CJK ideographs split apart, CLIP's split
+//! pattern, the byte-to-unicode mapping, BPE with the `</w>` end-of-word suffix, then start and end tokens,
 //! truncation and padding to `model_max_length`. The result equals the reference
 //! tokenizer's `padding="max_length", truncation=True` output.
 
@@ -320,4 +320,78 @@ fn read_merges(path: &Path) -> Result<Vec<(String, String)>> {
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(model: &str) -> std::path::PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(model)
+            .join("tokenizer")
+    }
+
+    fn scratch_dir(name: &str) -> std::path::PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("remixd-diffusion-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn tokenizer_json_alone_gives_the_same_ids() {
+        let texts = [
+            "a photo of a cat!",
+            "Hello, World! 東京 café",
+            "",
+            &"many words ".repeat(60),
+        ];
+        for model in ["tiny-sd1", "tiny-sd2"] {
+            let from_vocab = ClipTokenizer::from_dir(&fixture(model)).unwrap();
+            let dir = scratch_dir(&format!("tokjson-{model}"));
+            for f in ["tokenizer_config.json", "special_tokens_map.json"] {
+                std::fs::copy(fixture(model).join(f), dir.join(f)).unwrap();
+            }
+            from_vocab
+                .inner
+                .save(dir.join("tokenizer.json"), false)
+                .unwrap();
+            let from_json = ClipTokenizer::from_dir(&dir).unwrap();
+            for text in texts {
+                let ids = from_json.encode(text).unwrap();
+                assert_eq!(ids, from_vocab.encode(text).unwrap(), "{model}: {text:?}");
+                assert_eq!(ids.len(), 77);
+            }
+            std::fs::remove_dir_all(&dir).unwrap();
+        }
+    }
+
+    #[test]
+    fn defaults_without_config_files() {
+        let dir = scratch_dir("tok-defaults");
+        for f in ["vocab.json", "merges.txt"] {
+            std::fs::copy(fixture("tiny-sd1").join(f), dir.join(f)).unwrap();
+        }
+        let tok = ClipTokenizer::from_dir(&dir).unwrap();
+        assert_eq!(tok.model_max_length(), DEFAULT_MAX_LENGTH);
+        // CLIP's defaults: padding with the end token.
+        assert_eq!(tok.pad_id(), tok.eos_id());
+        let ids = tok.encode("a cat").unwrap();
+        assert_eq!(ids[0], tok.bos_id());
+        assert_eq!(*ids.last().unwrap(), tok.eos_id());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn missing_vocabulary_is_a_missing_file() {
+        let dir = scratch_dir("tok-empty");
+        match ClipTokenizer::from_dir(&dir) {
+            Err(Error::MissingFile(p)) => assert!(p.ends_with("vocab.json"), "{p:?}"),
+            other => panic!("{other:?}"),
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
