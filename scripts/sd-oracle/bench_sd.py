@@ -331,6 +331,11 @@ def cmd_diffusers(args) -> None:
     t0 = time.perf_counter()
     pipe = StableDiffusionImg2ImgPipeline.from_pretrained(args.model, torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
+    # remixd runs SD 1.5's PNDM config through DDIM (same schedule, no doubled first
+    # step), so the whole-image timing uses DDIM on both sides: the same UNet passes.
+    from diffusers import DDIMScheduler
+
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     unet, vae, text, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
     for m in (unet, vae, text):
         m.eval()

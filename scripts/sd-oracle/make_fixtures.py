@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import math
 import os
 import platform
 import shutil
@@ -119,6 +120,17 @@ anime, manga, three dimensional render, photorealistic, masterpiece, trending, b
 
 # --------------------------------------------------------------------------------------
 # The tiny CLIP BPE vocabulary
+
+
+def finite_json(value):
+    """Replaces non-finite floats in a JSON-able value with their string form."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(v) for v in value]
+    return value
 
 
 def byte_symbols() -> list[str]:
@@ -752,7 +764,12 @@ def main() -> None:
             assert torch.isfinite(v.float()).all(), k
         save_file(tensors, out_dir / f"reference-{name}.safetensors", metadata={"model": name})
         meta["tensors"] = {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")} for k, v in tensors.items()}
-        (out_dir / f"reference-{name}.json").write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        # Strict JSON (no Infinity/NaN literals, which Rust's and most parsers refuse):
+        # non-finite numbers, such as a config's -inf, are written as strings.
+        meta = finite_json(meta)
+        (out_dir / f"reference-{name}.json").write_text(
+            json.dumps(meta, indent=1, ensure_ascii=False, allow_nan=False) + "\n", encoding="utf-8"
+        )
         print(f"{name}: {len(tensors)} reference tensors")
 
     synthetic_image(64).save(out_dir / "input-64.png")

@@ -6,24 +6,9 @@
 //! its tensors.
 
 use candle_core::{Module, Result, Tensor, D};
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, LayerNorm, Linear, VarBuilder};
+use candle_nn::{GroupNorm, LayerNorm, Linear, VarBuilder};
 
-/// A 2-D convolution with a square kernel, as diffusers builds them.
-pub(crate) fn conv2d(
-    vb: VarBuilder,
-    in_channels: usize,
-    out_channels: usize,
-    kernel: usize,
-    stride: usize,
-    padding: usize,
-) -> Result<Conv2d> {
-    let cfg = Conv2dConfig {
-        padding,
-        stride,
-        ..Default::default()
-    };
-    candle_nn::conv2d(in_channels, out_channels, kernel, cfg, vb)
-}
+use crate::conv::Conv2d;
 
 /// A group norm with an affine transform.
 pub(crate) fn group_norm(
@@ -63,15 +48,15 @@ impl ResnetBlock2D {
     pub(crate) fn new(vb: VarBuilder, cfg: ResnetConfig) -> Result<Self> {
         let (cin, cout) = (cfg.in_channels, cfg.out_channels);
         let norm1 = group_norm(vb.pp("norm1"), cfg.groups, cin, cfg.eps)?;
-        let conv1 = conv2d(vb.pp("conv1"), cin, cout, 3, 1, 1)?;
+        let conv1 = Conv2d::new(vb.pp("conv1"), cin, cout, 3, 1, 1)?;
         let time_emb_proj = match cfg.temb_channels {
             Some(t) => Some(candle_nn::linear(t, cout, vb.pp("time_emb_proj"))?),
             None => None,
         };
         let norm2 = group_norm(vb.pp("norm2"), cfg.groups, cout, cfg.eps)?;
-        let conv2 = conv2d(vb.pp("conv2"), cout, cout, 3, 1, 1)?;
+        let conv2 = Conv2d::new(vb.pp("conv2"), cout, cout, 3, 1, 1)?;
         let conv_shortcut = if cin != cout {
-            Some(conv2d(vb.pp("conv_shortcut"), cin, cout, 1, 1, 0)?)
+            Some(Conv2d::new(vb.pp("conv_shortcut"), cin, cout, 1, 1, 0)?)
         } else {
             None
         };
@@ -120,7 +105,7 @@ pub(crate) struct Downsample2D {
 
 impl Downsample2D {
     pub(crate) fn new(vb: VarBuilder, channels: usize, padding: usize) -> Result<Self> {
-        let conv = conv2d(vb.pp("conv"), channels, channels, 3, 2, padding)?;
+        let conv = Conv2d::new(vb.pp("conv"), channels, channels, 3, 2, padding)?;
         Ok(Self {
             conv,
             pad_bottom_right: padding == 0,
@@ -147,7 +132,7 @@ pub(crate) struct Upsample2D {
 
 impl Upsample2D {
     pub(crate) fn new(vb: VarBuilder, channels: usize) -> Result<Self> {
-        let conv = conv2d(vb.pp("conv"), channels, channels, 3, 1, 1)?;
+        let conv = Conv2d::new(vb.pp("conv"), channels, channels, 3, 1, 1)?;
         Ok(Self { conv })
     }
 
@@ -416,8 +401,8 @@ impl Transformer2D {
             )
         } else {
             (
-                Projection::Conv(conv2d(vb.pp("proj_in"), c, inner, 1, 1, 0)?),
-                Projection::Conv(conv2d(vb.pp("proj_out"), inner, c, 1, 1, 0)?),
+                Projection::Conv(Conv2d::new(vb.pp("proj_in"), c, inner, 1, 1, 0)?),
+                Projection::Conv(Conv2d::new(vb.pp("proj_out"), inner, c, 1, 1, 0)?),
             )
         };
         let vbb = vb.pp("transformer_blocks");

@@ -244,18 +244,11 @@ pub struct ClipTextModel {
 }
 
 impl ClipTextModel {
-    /// Loads `config.json` and `model.safetensors` (f16 or f32) from a diffusers
+    /// Loads `config.json` and `model[.fp16].safetensors` (f16 or f32) from a diffusers
     /// `text_encoder/` directory; computes in f32 on `device`.
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
         let cfg = ClipTextConfig::load(&dir.join("config.json"))?;
-        let weights = dir.join("model.safetensors");
-        if !weights.exists() {
-            return Err(Error::MissingFile(weights));
-        }
-        // SAFETY: the file is memory-mapped read-only; remixd does not modify model files
-        // while they are loaded.
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], DType::F32, device) }
-            .context(|| format!("text encoder: {}", weights.display()))?;
+        let (vb, weights) = crate::model::weights(dir, "model", device)?;
         Self::new(vb, &cfg).map_err(|e| match e {
             Error::Tensor { context, source } => Error::Tensor {
                 context: format!("{context} ({})", weights.display()),

@@ -27,6 +27,9 @@ pub enum Error {
     Tokenizer(String),
     #[error(transparent)]
     Io(#[from] std::io::Error),
+    /// The caller asked the run to stop.
+    #[error("cancelled")]
+    Cancelled,
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

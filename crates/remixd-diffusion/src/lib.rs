@@ -4,11 +4,17 @@
 //! candle-transformers: the character conditioning needs hooks inside attention, and the
 //! reference implementation's exact GELU must be matched for numerical parity.
 //!
-//! Nothing here knows about tasks, HTTP or storage; the `local` engine adapter wraps it.
+//! The modules below `engine` know nothing of tasks, HTTP or storage; `engine` adapts
+//! the pipeline to remixd's `Engine` trait (the `local` engine).
 
 mod blocks;
 pub mod clip;
+pub mod conv;
+pub mod engine;
 pub mod error;
+pub mod model;
+pub mod noise;
+pub mod pipeline;
 pub mod scheduler;
 pub mod tokenizer;
 pub mod unet;

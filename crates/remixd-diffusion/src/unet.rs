@@ -6,13 +6,15 @@
 
 use std::path::Path;
 
-use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Conv2d, GroupNorm, Linear, VarBuilder};
+use candle_core::{Device, Module, Tensor};
+use candle_nn::{GroupNorm, Linear, VarBuilder};
+
+use crate::conv::Conv2d;
 use serde::Deserialize;
 
 use crate::blocks::{
-    conv2d, group_norm, Downsample2D, ResnetBlock2D, ResnetConfig, Transformer2D,
-    Transformer2DConfig, Upsample2D,
+    group_norm, Downsample2D, ResnetBlock2D, ResnetConfig, Transformer2D, Transformer2DConfig,
+    Upsample2D,
 };
 use crate::error::{read_json, Context, Error, Result};
 
@@ -47,6 +49,8 @@ impl<T: Clone + std::fmt::Debug> PerBlock<T> {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
 pub struct UNetConfig {
+    /// The latent side the model was trained at (64 for SD 1.x: 512 pixels).
+    pub sample_size: usize,
     /// Latent channels in.
     pub in_channels: usize,
     /// Channels out (the noise or velocity prediction).
@@ -133,6 +137,7 @@ impl Default for UNetConfig {
     fn default() -> Self {
         let s = |v: &[&str]| v.iter().map(|s| s.to_string()).collect();
         Self {
+            sample_size: 64,
             in_channels: 4,
             out_channels: 4,
             center_input_sample: false,
@@ -680,26 +685,19 @@ impl UNet2DConditionModel {
         Self::build(vb, cfg, &plan).context(|| "building the UNet".to_string())
     }
 
-    /// Loads `config.json` and `diffusion_pytorch_model.safetensors` (f16 or f32) from
+    /// Loads `config.json` and `diffusion_pytorch_model[.fp16].safetensors` (f16 or f32) from
     /// the `unet/` directory `dir`, computing in f32 on `device`.
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
         let cfg: UNetConfig = read_json(&dir.join("config.json"))?;
         let plan = cfg.plan()?;
-        let file = dir.join("diffusion_pytorch_model.safetensors");
-        if !file.is_file() {
-            return Err(Error::MissingFile(file));
-        }
+        let (vb, file) = crate::model::weights(dir, "diffusion_pytorch_model", device)?;
         let what = || format!("loading the UNet from {}", file.display());
-        // SAFETY: the file is memory-mapped read-only; like every mmap user we rely on
-        // nobody truncating it while the model is loaded.
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&file], DType::F32, device) }
-            .context(what)?;
         Self::build(vb, &cfg, &plan).context(what)
     }
 
     fn build(vb: VarBuilder, cfg: &UNetConfig, plan: &Plan) -> candle_core::Result<Self> {
         let c0 = cfg.block_out_channels[0];
-        let conv_in = conv2d(
+        let conv_in = Conv2d::new(
             vb.pp("conv_in"),
             cfg.in_channels,
             c0,
@@ -730,7 +728,7 @@ impl UNet2DConditionModel {
             .map(|(i, p)| UpBlock::new(vb.pp(format!("up_blocks.{i}")), p, &mut b))
             .collect::<candle_core::Result<Vec<_>>>()?;
         let norm_out = group_norm(vb.pp("conv_norm_out"), plan.groups, c0, cfg.norm_eps)?;
-        let conv_out = conv2d(
+        let conv_out = Conv2d::new(
             vb.pp("conv_out"),
             c0,
             cfg.out_channels,
@@ -835,6 +833,7 @@ fn timestep_embedding(timestep: f64, dim: usize, flip_sin_to_cos: bool, shift: f
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::DType;
 
     #[test]
     fn timestep_embedding_layout() {

@@ -4,12 +4,14 @@
 
 use std::path::Path;
 
-use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Conv2d, GroupNorm, VarBuilder};
+use candle_core::{Device, Module, Tensor};
+use candle_nn::{GroupNorm, VarBuilder};
+
+use crate::conv::Conv2d;
 use serde::Deserialize;
 
 use crate::blocks::{
-    conv2d, group_norm, Downsample2D, ResnetBlock2D, ResnetConfig, SpatialAttention, Upsample2D,
+    group_norm, Downsample2D, ResnetBlock2D, ResnetConfig, SpatialAttention, Upsample2D,
 };
 use crate::error::{read_json, Context, Error, Result};
 
@@ -196,7 +198,7 @@ impl Encoder {
     fn new(vb: VarBuilder, cfg: &VaeConfig) -> candle_core::Result<Self> {
         let ch = &cfg.block_out_channels;
         let last = *ch.last().expect("checked non-empty");
-        let conv_in = conv2d(vb.pp("conv_in"), cfg.in_channels, ch[0], 3, 1, 1)?;
+        let conv_in = Conv2d::new(vb.pp("conv_in"), cfg.in_channels, ch[0], 3, 1, 1)?;
         let mut blocks = Vec::with_capacity(ch.len());
         for (i, &cout) in ch.iter().enumerate() {
             let vbb = vb.pp(format!("down_blocks.{i}"));
@@ -222,7 +224,7 @@ impl Encoder {
             blocks,
             mid: MidBlock::new(vb.pp("mid_block"), cfg, last)?,
             norm_out: group_norm(vb.pp("conv_norm_out"), cfg.norm_num_groups, last, EPS)?,
-            conv_out: conv2d(vb.pp("conv_out"), last, 2 * cfg.latent_channels, 3, 1, 1)?,
+            conv_out: Conv2d::new(vb.pp("conv_out"), last, 2 * cfg.latent_channels, 3, 1, 1)?,
         })
     }
 
@@ -250,7 +252,7 @@ impl Decoder {
     fn new(vb: VarBuilder, cfg: &VaeConfig) -> candle_core::Result<Self> {
         let rev: Vec<usize> = cfg.block_out_channels.iter().rev().copied().collect();
         let first = *cfg.block_out_channels.first().expect("checked non-empty");
-        let conv_in = conv2d(vb.pp("conv_in"), cfg.latent_channels, rev[0], 3, 1, 1)?;
+        let conv_in = Conv2d::new(vb.pp("conv_in"), cfg.latent_channels, rev[0], 3, 1, 1)?;
         let mid = MidBlock::new(vb.pp("mid_block"), cfg, rev[0])?;
         let mut blocks = Vec::with_capacity(rev.len());
         for (i, &cout) in rev.iter().enumerate() {
@@ -277,7 +279,7 @@ impl Decoder {
             mid,
             blocks,
             norm_out: group_norm(vb.pp("conv_norm_out"), cfg.norm_num_groups, first, EPS)?,
-            conv_out: conv2d(vb.pp("conv_out"), first, cfg.out_channels, 3, 1, 1)?,
+            conv_out: Conv2d::new(vb.pp("conv_out"), first, cfg.out_channels, 3, 1, 1)?,
         })
     }
 
@@ -309,20 +311,13 @@ impl AutoencoderKL {
         Self::build(vb, cfg).context(|| "building the VAE".to_string())
     }
 
-    /// Loads `config.json` and `diffusion_pytorch_model.safetensors` (f16 or f32) from
+    /// Loads `config.json` and `diffusion_pytorch_model[.fp16].safetensors` (f16 or f32) from
     /// the `vae/` directory `dir`, computing in f32 on `device`.
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
         let cfg: VaeConfig = read_json(&dir.join("config.json"))?;
         cfg.check()?;
-        let file = dir.join("diffusion_pytorch_model.safetensors");
-        if !file.is_file() {
-            return Err(Error::MissingFile(file));
-        }
+        let (vb, file) = crate::model::weights(dir, "diffusion_pytorch_model", device)?;
         let what = || format!("loading the VAE from {}", file.display());
-        // SAFETY: the file is memory-mapped read-only; like every mmap user we rely on
-        // nobody truncating it while the model is loaded.
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&file], DType::F32, device) }
-            .context(what)?;
         Self::build(vb, &cfg).context(what)
     }
 
@@ -333,12 +328,12 @@ impl AutoencoderKL {
             encoder: Encoder::new(vb.pp("encoder"), cfg)?,
             decoder: Decoder::new(vb.pp("decoder"), cfg)?,
             quant_conv: if cfg.use_quant_conv {
-                Some(conv2d(vb.pp("quant_conv"), 2 * l, 2 * l, 1, 1, 0)?)
+                Some(Conv2d::new(vb.pp("quant_conv"), 2 * l, 2 * l, 1, 1, 0)?)
             } else {
                 None
             },
             post_quant_conv: if cfg.use_post_quant_conv {
-                Some(conv2d(vb.pp("post_quant_conv"), l, l, 1, 1, 0)?)
+                Some(Conv2d::new(vb.pp("post_quant_conv"), l, l, 1, 1, 0)?)
             } else {
                 None
             },
@@ -383,6 +378,7 @@ impl AutoencoderKL {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::DType;
     use candle_nn::VarMap;
 
     #[test]

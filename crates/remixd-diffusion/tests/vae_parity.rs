@@ -5,40 +5,11 @@
 //! Tolerance: every element within `1e-4 · max|reference| + 1e-4 · |reference|`, i.e.
 //! about 1e-4 relative to the tensor's scale (f32 with a different summation order).
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+mod common;
 
-use candle_core::{Device, Tensor};
+use candle_core::Device;
+use common::{assert_close, fixtures, reference};
 use remixd_diffusion::vae::AutoencoderKL;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
-
-fn reference(model: &str) -> HashMap<String, Tensor> {
-    let file = fixtures().join(format!("reference-{model}.safetensors"));
-    candle_core::safetensors::load(&file, &Device::Cpu).expect("reference tensors")
-}
-
-/// Asserts `actual` matches `expected` elementwise within
-/// `rtol · (max|expected| + |expected|)` and returns the largest absolute difference.
-fn assert_close(name: &str, actual: &Tensor, expected: &Tensor, rtol: f32) -> f32 {
-    assert_eq!(actual.dims(), expected.dims(), "{name}: shape");
-    let a = actual.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let e = expected.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let scale = e.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let mut worst = 0f32;
-    for (i, (x, y)) in a.iter().zip(&e).enumerate() {
-        let d = (x - y).abs();
-        assert!(
-            d <= rtol * (scale + y.abs()),
-            "{name}[{i}]: got {x}, expected {y} (|diff| {d}, scale {scale})"
-        );
-        worst = worst.max(d);
-    }
-    eprintln!("{name}: max |diff| {worst:e}, max |expected| {scale}");
-    worst
-}
 
 fn load(model: &str) -> AutoencoderKL {
     AutoencoderKL::load(&fixtures().join(model).join("vae"), &Device::Cpu).expect("load vae")

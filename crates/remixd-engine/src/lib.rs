@@ -73,6 +73,16 @@ pub struct EngineImage {
 }
 
 impl EngineImage {
+    /// An image encoded as PNG (the same pixels always give the same bytes).
+    pub fn png(img: &RgbImage) -> Self {
+        Self {
+            bytes: preview::encode_png(img),
+            content_type: "image/png".to_owned(),
+            width: img.width(),
+            height: img.height(),
+        }
+    }
+
     /// The file extension for the content type.
     pub fn extension(&self) -> &'static str {
         match self.content_type.as_str() {
@@ -101,6 +111,27 @@ pub enum EngineError {
     /// The job was cancelled while it ran.
     #[error("cancelled")]
     Cancelled,
+}
+
+/// Runs an engine's CPU-bound work on the blocking pool and answers a cancellation at
+/// once, without waiting for the work to notice it: the work is expected to watch the
+/// same token and stop at its next checkpoint, so that it does not burn CPU to the end.
+pub async fn run_blocking(
+    engine: &str,
+    cancel: &CancellationToken,
+    work: impl FnOnce() -> Result<Vec<EngineImage>, EngineError> + Send + 'static,
+) -> Result<Vec<EngineImage>, EngineError> {
+    if cancel.is_cancelled() {
+        return Err(EngineError::Cancelled);
+    }
+    let work = tokio::task::spawn_blocking(work);
+    tokio::select! {
+        biased;
+        () = cancel.cancelled() => Err(EngineError::Cancelled),
+        joined = work => joined.unwrap_or_else(|e| {
+            Err(EngineError::Internal(format!("{engine} engine task failed: {e}")))
+        }),
+    }
 }
 
 /// Receives progress, 0..=100. Cheap to call often; it must not block.

@@ -259,3 +259,109 @@ pub async fn callbacks(mut settings: Settings, tasks: usize) -> anyhow::Result<(
     shutdown.cancel();
     Ok(())
 }
+
+/// What `bench sd` measures.
+pub struct SdBench {
+    pub model_dir: std::path::PathBuf,
+    pub steps: usize,
+    pub strength: f64,
+    pub repeats: usize,
+}
+
+/// Times the local engine's model on the CPU: one UNet pass at batch 1 and 2, the VAE
+/// encode and decode, a whole img2img image, and candle's f32 matrix-product peak.
+/// Prints one JSON object (scripts/bench-sd.sh sets it beside diffusers' figures).
+pub fn sd(b: SdBench) -> anyhow::Result<()> {
+    use candle_core::{DType, Device, Tensor};
+    use remixd_diffusion::model::StableDiffusion;
+    use remixd_diffusion::noise::SeededNoise;
+    use remixd_diffusion::pipeline::Img2ImgParams;
+    use remixd_diffusion::scheduler::SchedulerKind;
+
+    let dev = Device::Cpu;
+    let threads = candle_core::utils::get_num_threads();
+    let t = Instant::now();
+    let sd = StableDiffusion::load(&b.model_dir, &dev)
+        .map_err(|e| anyhow::anyhow!("loading {}: {e}", b.model_dir.display()))?;
+    eprintln!(
+        "loaded in {:.1} s, {threads} threads",
+        t.elapsed().as_secs_f64()
+    );
+
+    // Median seconds of `repeats` runs after one warm-up.
+    let time = |name: &str, repeats: usize, f: &mut dyn FnMut() -> anyhow::Result<()>| {
+        f()?;
+        let mut runs = Vec::with_capacity(repeats);
+        for _ in 0..repeats.max(1) {
+            let t = Instant::now();
+            f()?;
+            runs.push(t.elapsed().as_secs_f64());
+        }
+        runs.sort_by(f64::total_cmp);
+        let median = runs[runs.len() / 2];
+        eprintln!("{name}: {median:.3} s (runs {runs:.3?})");
+        anyhow::Ok(median)
+    };
+    let err = |e: remixd_diffusion::Error| anyhow::anyhow!("{e}");
+    let side = sd.native_side() as usize;
+    let latent = side / sd.vae.vae_scale_factor();
+    let hidden = sd.encode_prompt("").map_err(err)?.dim(2)?;
+    let randn = |shape: &[usize]| Tensor::randn(0f32, 1f32, shape, &dev);
+
+    let unet = |batch: usize| -> anyhow::Result<f64> {
+        let x = randn(&[batch, 4, latent, latent])?;
+        let ctx = randn(&[batch, 77, hidden])?;
+        time(&format!("unet batch {batch}"), b.repeats, &mut || {
+            std::hint::black_box(sd.unet.forward(&x, 500.0, &ctx).map_err(err)?);
+            Ok(())
+        })
+    };
+    let unet_b1 = unet(1)?;
+    let unet_b2 = unet(2)?;
+    let image = randn(&[1, 3, side, side])?.clamp(-1f32, 1f32)?;
+    let vae_encode = time("vae encode", b.repeats, &mut || {
+        std::hint::black_box(sd.vae.encode(&image).map_err(err)?);
+        Ok(())
+    })?;
+    let z = randn(&[1, 4, latent, latent])?;
+    let vae_decode = time("vae decode", b.repeats, &mut || {
+        std::hint::black_box(sd.vae.decode(&z).map_err(err)?);
+        Ok(())
+    })?;
+    let params = Img2ImgParams {
+        prompt: "a portrait of a knight".into(),
+        negative_prompt: String::new(),
+        steps: b.steps,
+        strength: b.strength,
+        guidance_scale: 7.5,
+        scheduler: SchedulerKind::for_config(&sd.scheduler).map_err(err)?,
+    };
+    let mut passes = 0;
+    let image_s = time("image", b.repeats.div_ceil(2), &mut || {
+        let out = sd
+            .img2img(&image, &params, &mut SeededNoise::new(1), &mut |_, _| true)
+            .map_err(err)?;
+        passes = out.steps_run;
+        Ok(())
+    })?;
+
+    let n = 4096;
+    let (a, c) = (randn(&[n, n])?, randn(&[n, n])?);
+    let matmul = time("matmul 4096²", 3, &mut || {
+        std::hint::black_box(a.matmul(&c)?.to_dtype(DType::F32)?);
+        Ok(())
+    })?;
+    let figures = json!({
+        "impl": "remixd",
+        "threads": threads,
+        "unet_b1_s": unet_b1,
+        "unet_b2_s": unet_b2,
+        "vae_encode_s": vae_encode,
+        "vae_decode_s": vae_decode,
+        "image_s": image_s,
+        "image_unet_passes": passes,
+        "matmul_gflops": 2.0 * (n as f64).powi(3) / matmul / 1e9,
+    });
+    println!("{figures}");
+    Ok(())
+}

@@ -56,6 +56,8 @@ pub enum Command {
     Config(ConfigCmd),
     /// A client: upload local files, create a task, follow it, download the images.
     Submit(crate::submit::SubmitArgs),
+    /// Run one job through the local engine without the server (try or time a model).
+    Generate(crate::generate::GenerateArgs),
     /// Start an embedded server on a free port and run a sample task.
     Demo {
         /// Where to write the images.
@@ -152,6 +154,23 @@ pub enum BenchCmd {
         size: String,
         #[arg(long, default_value_t = 20)]
         iterations: u32,
+    },
+    /// The local engine's model on the CPU: UNet, VAE, a whole image, matmul peak (JSON).
+    Sd {
+        /// Model directory in the diffusers layout.
+        #[arg(long)]
+        model_dir: PathBuf,
+        /// Threads for candle (sets RAYON_NUM_THREADS when given).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Steps of the whole image's full schedule.
+        #[arg(long, default_value_t = 10)]
+        steps: usize,
+        /// diffusers-style strength of the whole image (share of the schedule run).
+        #[arg(long, default_value_t = 0.5)]
+        strength: f64,
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
     },
     /// Callback latency (completion to receipt) and deliveries per second, on loopback.
     Callbacks {
@@ -330,6 +349,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Demo { out } => crate::demo::run(settings, &out).await,
+        Command::Generate(args) => {
+            tokio::task::spawn_blocking(move || crate::generate::run(&settings, args)).await?
+        }
         Command::Submit(args) => {
             let base = settings
                 .server
@@ -340,6 +362,25 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Bench(BenchCmd::Preview { size, iterations }) => {
             crate::bench::preview(&size, iterations)
+        }
+        Command::Bench(BenchCmd::Sd {
+            model_dir,
+            threads,
+            steps,
+            strength,
+            repeats,
+        }) => {
+            if let Some(n) = threads {
+                // Read by candle's thread pools when they first start, which is later.
+                std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+            }
+            let b = crate::bench::SdBench {
+                model_dir,
+                steps,
+                strength,
+                repeats,
+            };
+            tokio::task::spawn_blocking(move || crate::bench::sd(b)).await?
         }
         Command::Bench(BenchCmd::Callbacks { tasks }) => {
             crate::bench::callbacks(settings, tasks).await

@@ -10,6 +10,7 @@
 pub mod bench;
 pub mod cli;
 pub mod demo;
+pub mod generate;
 pub mod settings;
 pub mod submit;
 pub mod telemetry;
@@ -74,7 +75,14 @@ pub fn build_engine(settings: &Settings) -> anyhow::Result<Arc<dyn Engine>> {
                 delay_per_image: Duration::from_millis(settings.engine.preview.delay_ms),
             },
         ))),
-        k @ ("local" | "fal" | "ideogram") => {
+        "local" => {
+            let cfg = settings.engine.local.to_config()?;
+            let dir = cfg.model_dir.display().to_string();
+            let engine = remixd_diffusion::engine::LocalEngine::load(cfg)
+                .with_context(|| format!("loading the local engine's model from {dir}"))?;
+            Ok(Arc::new(engine))
+        }
+        k @ ("fal" | "ideogram") => {
             anyhow::bail!("engine.kind = {k:?} is not available in this build yet; use \"preview\"")
         }
         other => {

@@ -138,14 +138,59 @@ impl Default for EngineSettings {
 pub struct LocalEngineSettings {
     pub model_dir: Option<PathBuf>,
     pub device: String,
+    /// Steps of the full schedule per rendering speed (img2img runs the strength's share).
+    pub steps_turbo: usize,
+    pub steps_balanced: usize,
+    pub steps_quality: usize,
+    /// Classifier-free guidance scale; 1 or less turns guidance off (SD-Turbo).
+    pub guidance_scale: f64,
+    /// `ddim`, `euler`, `euler_a`, `dpmpp_2m`; empty takes the model's own scheduler.
+    pub scheduler: String,
 }
 
 impl Default for LocalEngineSettings {
     fn default() -> Self {
+        let d = remixd_diffusion::engine::LocalConfig::new(PathBuf::new());
         Self {
             model_dir: None,
-            device: "cpu".into(),
+            device: d.device,
+            steps_turbo: d.steps[0],
+            steps_balanced: d.steps[1],
+            steps_quality: d.steps[2],
+            guidance_scale: d.guidance_scale,
+            scheduler: String::new(),
         }
+    }
+}
+
+impl LocalEngineSettings {
+    /// The engine's configuration; errors name the setting.
+    pub fn to_config(&self) -> anyhow::Result<remixd_diffusion::engine::LocalConfig> {
+        let Some(model_dir) = self.model_dir.clone() else {
+            anyhow::bail!("engine.kind = \"local\" needs engine.local.model_dir (a diffusers-layout model directory)");
+        };
+        for (key, v) in [
+            ("steps_turbo", self.steps_turbo),
+            ("steps_balanced", self.steps_balanced),
+            ("steps_quality", self.steps_quality),
+        ] {
+            anyhow::ensure!(
+                (1..=200).contains(&v),
+                "engine.local.{key} must be 1..=200, not {v}"
+            );
+        }
+        anyhow::ensure!(
+            self.guidance_scale.is_finite() && (0.0..=30.0).contains(&self.guidance_scale),
+            "engine.local.guidance_scale must be 0..=30"
+        );
+        let scheduler = remixd_diffusion::engine::scheduler_setting(&self.scheduler)?;
+        Ok(remixd_diffusion::engine::LocalConfig {
+            model_dir,
+            device: self.device.clone(),
+            steps: [self.steps_turbo, self.steps_balanced, self.steps_quality],
+            guidance_scale: self.guidance_scale,
+            scheduler,
+        })
     }
 }
 

@@ -42,6 +42,8 @@ mod colour;
 mod cutout;
 mod frame;
 mod resize;
+
+pub use resize::cover_resize;
 mod style;
 #[cfg(test)]
 mod tests;
@@ -106,24 +108,13 @@ impl Engine for PreviewEngine {
         progress: Progress,
         cancel: CancellationToken,
     ) -> Result<Vec<EngineImage>, EngineError> {
-        if cancel.is_cancelled() {
-            return Err(EngineError::Cancelled);
-        }
         let delay = self.cfg.delay_per_image;
         let token = cancel.clone();
         tracing::debug!(task_id = %job.task_id, ?job, "preview: generating");
-        // All pixel work is CPU-bound, so it runs on the blocking pool. It also watches
-        // the token itself, so after a cancellation it stops at the next stage instead
-        // of burning CPU to the end.
-        let work = tokio::task::spawn_blocking(move || run_job(&job, delay, &progress, &token));
-        tokio::select! {
-            // Answer a cancellation at once rather than when the current stage ends.
-            biased;
-            () = cancel.cancelled() => Err(EngineError::Cancelled),
-            joined = work => joined.unwrap_or_else(|e| {
-                Err(EngineError::Internal(format!("preview engine task failed: {e}")))
-            }),
-        }
+        crate::run_blocking("preview", &cancel, move || {
+            run_job(&job, delay, &progress, &token)
+        })
+        .await
     }
 }
 
@@ -379,15 +370,10 @@ fn run_job(
             meter.step();
             Ok(())
         })?;
-        let bytes = encode_png(&img);
+        let image = EngineImage::png(&img);
         check(cancel)?;
         meter.step();
-        images.push(EngineImage {
-            bytes,
-            content_type: "image/png".to_owned(),
-            width: img.width(),
-            height: img.height(),
-        });
+        images.push(image);
     }
     meter.finish();
     Ok(images)

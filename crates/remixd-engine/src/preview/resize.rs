@@ -66,6 +66,17 @@ pub(crate) fn cover_rgb(
     resize_raw(src, src_size, dst, PixelType::U8x3, alg, None)
 }
 
+/// Cover-crops an image (centred) to `dst`'s aspect ratio and resizes it with the
+/// rendering speed's filter; the local engine prepares its base images with this too.
+pub fn cover_resize(
+    img: &image::RgbImage,
+    dst: (u32, u32),
+    speed: RenderingSpeed,
+) -> image::RgbImage {
+    let raw = cover_rgb(img.as_raw(), img.dimensions(), dst, algorithm(speed));
+    image::RgbImage::from_raw(dst.0, dst.1, raw).expect("resize_raw sizes its output to dst")
+}
+
 /// Stretches a one-channel image to exactly `dst` (a mask is meant to line up with its
 /// reference pixel for pixel, so its aspect ratio is not preserved).
 pub(crate) fn stretch_gray(src: &[u8], src_size: (u32, u32), dst: (u32, u32)) -> Vec<u8> {
