@@ -6,6 +6,7 @@
 //!
 //! Nothing here knows about tasks, HTTP or storage; the `local` engine adapter wraps it.
 
+pub mod attention;
 mod blocks;
 pub mod clip;
 pub mod error;
