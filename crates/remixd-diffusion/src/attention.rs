@@ -1,38 +1,43 @@
 //! Tiled scaled dot-product attention for the CPU, with an online softmax.
 //!
 //! The materialising path (`q·kᵀ`, softmax, `·v` with candle ops) writes and re-reads a
-//! full `n × m` score matrix per head: 64 MiB at 4096 tokens, so attention on the CPU is
-//! bound by memory traffic and by candle's scalar `exp`. Here each task takes one block
-//! of query rows of one head and walks the keys block by block ("flash attention"):
+//! full `n × m` score matrix per head (64 MiB at 4096 tokens) and candle's softmax takes a
+//! scalar `exp` per score, so attention on the CPU is bound by memory traffic and by that
+//! `exp`. Here each rayon task takes a block of query rows of one batch entry and, for
+//! each head, walks the keys block by block ("flash attention"):
 //!
-//! 1. `S = scale · Q_blk · K_blkᵀ`, a `BLOCK_Q × BLOCK_K` tile that stays in cache;
-//! 2. per row, the running maximum and the running sum of `exp(S - max)` are updated, and
-//!    the accumulated output row is rescaled by `exp(old max - new max)` when the maximum
-//!    grows (`S` is overwritten by the exponentials);
-//! 3. `O_blk += S · V_blk`;
+//! 1. the score tile `scale · Q_blk · K_blkᵀ` (at most `BLOCK_Q × BLOCK_K`, in cache);
+//! 2. per query, the running maximum and the running sum of `exp(score - max)` are
+//!    updated, the accumulated output is rescaled by `exp(old max - new max)`, and the
+//!    tile is overwritten by its exponentials;
+//! 3. `O_blk += P · V_blk`;
 //!
 //! and finally divides each output row by its sum. Both products run on the `gemm` crate
-//! (the one candle's own CPU matmul uses), single-threaded inside rayon tasks over
-//! (batch, query block); the exponentials use a vectorisable polynomial `exp`.
+//! (the one candle's own CPU matmul uses), single-threaded inside the tasks; the
+//! exponentials use a vectorisable polynomial `exp`, compiled for AVX-512 and AVX2 and
+//! picked at run time. The tiles are stored transposed, for `gemm`'s sake (see
+//! [`Tile::run`]).
 //!
-//! Hand-written because neither candle (0.11) nor any crate it builds on has a CPU
-//! attention kernel that avoids the score matrix: candle-nn's `scaled_dot_product_attention`
-//! is Metal-only, and candle-flash-attn is CUDA-only.
+//! Hand-written because neither candle (0.11) nor a crate it builds on has a CPU
+//! attention that avoids the score matrix: candle-nn's `scaled_dot_product_attention`
+//! is Metal-only and candle-flash-attn is CUDA-only.
 //!
-//! A per-key additive bias (masking keys, e.g. a reference image's region) belongs right
-//! after step 1: add `bias[j]` to column `j` of `S` before the row maxima are taken. A row
-//! whose keys are all masked with `-inf` would then need its maximum kept finite (or its
-//! output defined as zero) to avoid `exp(-inf - -inf)`.
+//! A per-key additive bias (masking keys, e.g. outside a reference image's region)
+//! belongs right after step 1: add `bias[j]` to row `j` of the transposed score tile
+//! before the maxima are taken (`Tile::run`, before `online_softmax`). A query whose keys
+//! are all masked with `-inf` would then need its maximum kept finite (or its output
+//! defined as zero) to avoid `exp(-inf - -inf)`.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-/// Query rows per task (and per score tile).
-const BLOCK_Q: usize = 64;
-/// Keys per score tile.
-const BLOCK_K: usize = 256;
+/// Query rows per task and score tile: a multiple of the 64 rows `gemm`'s AVX-512 f32
+/// kernel computes at once.
+const BLOCK_Q: usize = 128;
+/// Keys per score tile (`BLOCK_Q × BLOCK_K` f32 = 256 KiB, within a core's L2 cache).
+const BLOCK_K: usize = 512;
 
 /// Scaled dot-product attention over `heads` heads with the tiled CPU kernel.
 ///
@@ -40,17 +45,15 @@ const BLOCK_K: usize = 256;
 /// `(b, m, heads·d)` (any strides, e.g. broadcast over the batch); the result is a new
 /// contiguous `(b, n, heads·d)` tensor. Only f32 tensors on the CPU are supported.
 pub fn tiled_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
-    q.apply_op3_no_bwd(
-        k,
-        v,
-        &TiledAttention {
-            heads,
-            blocks: Blocks {
-                q: BLOCK_Q,
-                k: BLOCK_K,
-            },
+    let op = TiledAttention {
+        heads,
+        blocks: Blocks {
+            q: BLOCK_Q,
+            k: BLOCK_K,
         },
-    )
+        simd: Simd::detect(),
+    };
+    q.apply_op3_no_bwd(k, v, &op)
 }
 
 /// The materialising attention with candle ops (score matrix, softmax, product with the
@@ -72,6 +75,7 @@ struct Blocks {
 struct TiledAttention {
     heads: usize,
     blocks: Blocks,
+    simd: Simd,
 }
 
 impl CustomOp3 for TiledAttention {
@@ -107,7 +111,7 @@ impl CustomOp3 for TiledAttention {
                 self.heads
             );
         }
-        let out = attend(&q, &k, &v, self.heads, self.blocks);
+        let out = attend(&q, &k, &v, self.heads, self.blocks, self.simd);
         Ok((CpuStorage::F32(out), Shape::from((b, n, c))))
     }
 }
@@ -164,20 +168,44 @@ impl<'a> Operand<'a> {
     }
 }
 
-/// Per-task buffers, reused across the heads and key blocks of a task.
+/// Per-task buffers, reused across the heads and key blocks of a task. Tiles are stored
+/// transposed, one row per key or channel and one column per query, so that the softmax
+/// runs along the rows with the queries as vector lanes and the products need no
+/// repacking of the exponentials (see [`Tile::run`]).
 struct Scratch {
-    /// The score tile, `rows × blocks.k`, row-major; holds the exponentials after step 2.
+    /// The score tile `Sᵀ`, `block_k × rows`; holds the exponentials after step 2.
     scores: Vec<f32>,
-    /// The unnormalised output rows, `rows × d`.
+    /// The unnormalised output `Oᵀ`, `d × rows`.
     acc: Vec<f32>,
-    /// Running maximum of each row's scores.
+    /// Running maximum of each query's scores.
     max: Vec<f32>,
-    /// Running sum of each row's `exp(score - max)`.
+    /// Running sum of each query's `exp(score - max)`.
     sum: Vec<f32>,
+    /// The block's maximum per query, then `exp(old max - new max)`.
+    step: Vec<f32>,
+}
+
+impl Scratch {
+    fn new(rows: usize, block_k: usize, d: usize) -> Self {
+        Self {
+            scores: vec![0.0; block_k * rows],
+            acc: vec![0.0; d * rows],
+            max: vec![0.0; rows],
+            sum: vec![0.0; rows],
+            step: vec![0.0; rows],
+        }
+    }
 }
 
 /// `softmax(q·kᵀ / sqrt(d))·v` per head into a new contiguous `(b, n, heads·d)` buffer.
-fn attend(q: &Operand, k: &Operand, v: &Operand, heads: usize, blocks: Blocks) -> Vec<f32> {
+fn attend(
+    q: &Operand,
+    k: &Operand,
+    v: &Operand,
+    heads: usize,
+    blocks: Blocks,
+    simd: Simd,
+) -> Vec<f32> {
     let [b, n, c] = q.dims;
     let m = k.dims[1];
     let d = c / heads;
@@ -193,7 +221,7 @@ fn attend(q: &Operand, k: &Operand, v: &Operand, heads: usize, blocks: Blocks) -
         m,
         block_k: blocks.k,
         scale: (1.0 / (d as f64).sqrt()) as f32,
-        simd: Simd::detect(),
+        simd,
     };
     out.par_chunks_mut(n * c)
         .enumerate()
@@ -203,12 +231,7 @@ fn attend(q: &Operand, k: &Operand, v: &Operand, heads: usize, blocks: Blocks) -
                 .map(move |(i, out)| (batch, i * rows, out))
         })
         .for_each_init(
-            || Scratch {
-                scores: vec![0.0; rows * blocks.k],
-                acc: vec![0.0; rows * d],
-                max: vec![0.0; rows],
-                sum: vec![0.0; rows],
-            },
+            || Scratch::new(rows, blocks.k, d),
             |scratch, (batch, first, out)| {
                 for head in 0..heads {
                     tile.run(q, k, v, batch, head, first, out, scratch);
@@ -237,6 +260,15 @@ struct Tile {
 impl Tile {
     /// Attention of query rows `first..first + out.len() / (heads·d)` of `(batch, head)`
     /// into those rows' `head` columns of `out`.
+    ///
+    /// The tiles are transposed (`Sᵀ`, `Oᵀ`: one column per query) because of how `gemm`
+    /// works: it computes `dst = lhs·rhs` with the rows of `lhs` as vector lanes and
+    /// copies ("packs") `lhs` into that layout unless its rows are already unit-stride
+    /// and few columns are produced. With `Oᵀ = Vᵀ·Sᵀ` computed as `O = S·V`, `lhs` is
+    /// the exponentials themselves, already query-contiguous, so that product packs
+    /// nothing for head widths up to 48 (and only the tile otherwise); `Sᵀ = K·Qᵀ` packs
+    /// the query block once per key block. The untransposed order would repack whole
+    /// key and value blocks for every query block.
     #[allow(clippy::too_many_arguments)]
     fn run(
         &self,
@@ -260,40 +292,40 @@ impl Tile {
         let c = heads * d;
         let rows = out.len() / c;
         let col = head * d;
-        let Scratch {
-            scores,
-            acc,
-            max,
-            sum,
-        } = scratch;
-        let acc = &mut acc[..rows * d];
+        let acc = &mut scratch.acc[..d * rows];
         acc.fill(0.0);
-        max.fill(f32::NEG_INFINITY);
-        sum.fill(0.0);
+        let mut state = Softmax {
+            max: &mut scratch.max[..rows],
+            sum: &mut scratch.sum[..rows],
+            step: &mut scratch.step[..rows],
+        };
+        state.max.fill(f32::NEG_INFINITY);
+        state.sum.fill(0.0);
         let q_blk = q.ptr(batch, first, col);
         for key in (0..m).step_by(block_k) {
-            let cols = block_k.min(m - key);
-            // SAFETY: `scores` holds `rows × block_k` elements and the product writes
-            // `rows × cols` of them with row stride `block_k` (`cols ≤ block_k`). The
-            // product reads query rows `first..first + rows` and keys `key..key + cols`,
-            // channels `col..col + d`, all within the operands' ranges (`Operand::new`
-            // checked the storages hold them). `scores` is this task's own buffer, so
-            // nothing else reads or writes it meanwhile.
+            let keys = block_k.min(m - key);
+            let scores = &mut scratch.scores[..keys * rows];
+            // Sᵀ = scale · K_blk · Q_blkᵀ.
+            // SAFETY: `scores` holds `keys × rows` elements, written with row stride
+            // `rows`. The product reads keys `key..key + keys` and query rows
+            // `first..first + rows`, channels `col..col + d`, all within the operands'
+            // ranges (`Operand::new` checked that their storages hold them). `scores` is
+            // this task's own buffer, so nothing else reads or writes it meanwhile.
             unsafe {
                 gemm::gemm(
+                    keys,
                     rows,
-                    cols,
                     d,
                     scores.as_mut_ptr(),
                     1,
-                    block_k as isize,
+                    rows as isize,
                     false,
-                    q_blk,
-                    q.channel_stride(),
-                    q.token_stride(),
                     k.ptr(batch, key, col),
-                    k.token_stride(),
                     k.channel_stride(),
+                    k.token_stride(),
+                    q_blk,
+                    q.token_stride(),
+                    q.channel_stride(),
                     0.0,
                     scale,
                     false,
@@ -302,38 +334,27 @@ impl Tile {
                     Parallelism::None,
                 );
             }
-            for r in 0..rows {
-                let row = &mut scores[r * block_k..r * block_k + cols];
-                let (new_max, block_sum) = simd.exp_shifted(row, max[r]);
-                // exp(-inf) = 0 on the first block, where the accumulator is zero anyway.
-                let correction = (max[r] - new_max).exp();
-                if correction != 1.0 {
-                    for a in &mut acc[r * d..(r + 1) * d] {
-                        *a *= correction;
-                    }
-                }
-                sum[r] = sum[r] * correction + block_sum;
-                max[r] = new_max;
-            }
-            // SAFETY: `acc` holds `rows × d` elements written with row stride `d`;
-            // `scores` holds the `rows × cols` tile just written (row stride `block_k`);
-            // the values read are rows `key..key + cols`, channels `col..col + d` of `v`,
-            // within its range as for the keys above. The three buffers do not overlap.
+            simd.online_softmax(scores, acc, &mut state);
+            // Oᵀ += V_blkᵀ · Sᵀ.
+            // SAFETY: `acc` holds `d × rows` elements written with row stride `rows`;
+            // `scores` holds the `keys × rows` tile just written (row stride `rows`); the
+            // values read are rows `key..key + keys`, channels `col..col + d` of `v`,
+            // within its range as for the keys above. The buffers do not overlap.
             unsafe {
                 gemm::gemm(
-                    rows,
                     d,
-                    cols,
+                    rows,
+                    keys,
                     acc.as_mut_ptr(),
                     1,
-                    d as isize,
+                    rows as isize,
                     true,
+                    v.ptr(batch, key, col),
+                    v.token_stride(),
+                    v.channel_stride(),
                     scores.as_ptr(),
                     1,
-                    block_k as isize,
-                    v.ptr(batch, key, col),
-                    v.channel_stride(),
-                    v.token_stride(),
+                    rows as isize,
                     1.0,
                     1.0,
                     false,
@@ -343,16 +364,26 @@ impl Tile {
                 );
             }
         }
-        for ((out, acc), sum) in out.chunks_exact_mut(c).zip(acc.chunks_exact(d)).zip(&*sum) {
-            let inv = 1.0 / sum;
-            for (o, a) in out[col..col + d].iter_mut().zip(acc) {
-                *o = a * inv;
+        for (r, out) in out.chunks_exact_mut(c).enumerate() {
+            let inv = 1.0 / state.sum[r];
+            for (x, o) in out[col..col + d].iter_mut().enumerate() {
+                *o = acc[x * rows + r] * inv;
             }
         }
     }
 }
 
-/// The compiled variant of the exponential pass this CPU runs.
+/// The running softmax statistics of a task's queries, one entry per query.
+struct Softmax<'a> {
+    /// Maximum score so far.
+    max: &'a mut [f32],
+    /// Sum of `exp(score - max)` so far.
+    sum: &'a mut [f32],
+    /// Per-block working space.
+    step: &'a mut [f32],
+}
+
+/// The compiled variant of the softmax step this CPU runs.
 #[derive(Debug, Clone, Copy)]
 enum Simd {
     Portable,
@@ -378,83 +409,108 @@ impl Simd {
         Self::Portable
     }
 
-    /// See [`exp_shifted`].
-    fn exp_shifted(self, row: &mut [f32], max: f32) -> (f32, f32) {
+    /// See [`online_softmax`].
+    fn online_softmax(self, scores: &mut [f32], acc: &mut [f32], state: &mut Softmax) {
         match self {
-            Self::Portable => exp_shifted(row, max),
-            // SAFETY: `detect` returns these variants only where the CPU has the features.
+            Self::Portable => online_softmax::<false>(scores, acc, state),
+            // SAFETY: these variants are made only where the CPU was found to have the
+            // features (`detect`, and the tests' `simd_variants`).
             #[cfg(target_arch = "x86_64")]
-            Self::Avx2 => unsafe { x86::exp_shifted_avx2(row, max) },
+            Self::Avx2 => unsafe { x86::online_softmax_avx2(scores, acc, state) },
             #[cfg(target_arch = "x86_64")]
-            Self::Avx512 => unsafe { x86::exp_shifted_avx512(row, max) },
+            Self::Avx512 => unsafe { x86::online_softmax_avx512(scores, acc, state) },
         }
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    /// [`super::exp_shifted`] compiled for AVX2 and FMA.
+    use super::Softmax;
+
+    /// [`super::online_softmax`] compiled for AVX2 and FMA.
     ///
     /// # Safety
     ///
     /// The CPU must support AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn exp_shifted_avx2(row: &mut [f32], max: f32) -> (f32, f32) {
-        super::exp_shifted(row, max)
+    pub(super) unsafe fn online_softmax_avx2(
+        scores: &mut [f32],
+        acc: &mut [f32],
+        state: &mut Softmax,
+    ) {
+        super::online_softmax::<true>(scores, acc, state)
     }
 
-    /// [`super::exp_shifted`] compiled for AVX-512.
+    /// [`super::online_softmax`] compiled for AVX-512.
     ///
     /// # Safety
     ///
     /// The CPU must support AVX-512F.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn exp_shifted_avx512(row: &mut [f32], max: f32) -> (f32, f32) {
-        super::exp_shifted(row, max)
+    pub(super) unsafe fn online_softmax_avx512(
+        scores: &mut [f32],
+        acc: &mut [f32],
+        state: &mut Softmax,
+    ) {
+        super::online_softmax::<true>(scores, acc, state)
     }
 }
 
-/// Lanes of the explicit accumulators, so that the loops vectorise.
-const LANES: usize = 16;
-
-/// Replaces each `x` in `row` by `exp(x - new_max)` where `new_max` is the larger of
-/// `max` and the row's maximum; returns `new_max` and the sum of the exponentials.
+/// Step 2 for one key block: `scores` is `Sᵀ` (one row per key, one column per query),
+/// `acc` is `Oᵀ` (one row per channel). Raises each query's running maximum to cover the
+/// block, rescales the running sums and `acc` by `exp(old max - new max)`, replaces the
+/// scores by `exp(score - max)` and adds them to the sums. All loops run along the
+/// queries, so they vectorise.
 #[inline(always)]
-fn exp_shifted(row: &mut [f32], max: f32) -> (f32, f32) {
-    let mut lanes = [f32::NEG_INFINITY; LANES];
-    let mut chunks = row.chunks_exact(LANES);
-    for chunk in &mut chunks {
-        for (l, &x) in lanes.iter_mut().zip(chunk) {
-            *l = if x > *l { x } else { *l };
+fn online_softmax<const FMA: bool>(scores: &mut [f32], acc: &mut [f32], state: &mut Softmax) {
+    let Softmax { max, sum, step } = state;
+    let rows = max.len();
+    step.copy_from_slice(max);
+    for row in scores.chunks_exact(rows) {
+        for (m, &s) in step.iter_mut().zip(row) {
+            *m = if s > *m { s } else { *m };
         }
     }
-    let max = chunks
-        .remainder()
-        .iter()
-        .chain(&lanes)
-        .fold(max, |m, &x| if x > m { x } else { m });
+    // `max` holds the corrections until the new maxima replace it. On the first block the
+    // old maxima are -inf, the corrections 0, and `acc` and the sums are zero anyway.
+    let mut rescale = false;
+    for ((m, s), &new) in max.iter_mut().zip(sum.iter_mut()).zip(&**step) {
+        *m = exp::<FMA>(*m - new);
+        *s *= *m;
+        rescale |= *m != 1.0;
+    }
+    if rescale {
+        for row in acc.chunks_exact_mut(rows) {
+            for (a, &corr) in row.iter_mut().zip(&**max) {
+                *a *= corr;
+            }
+        }
+    }
+    max.copy_from_slice(step);
+    for row in scores.chunks_exact_mut(rows) {
+        for ((x, &m), s) in row.iter_mut().zip(&**max).zip(sum.iter_mut()) {
+            *x = exp::<FMA>(*x - m);
+            *s += *x;
+        }
+    }
+}
 
-    let mut lanes = [0f32; LANES];
-    let mut chunks = row.chunks_exact_mut(LANES);
-    for chunk in &mut chunks {
-        for (l, x) in lanes.iter_mut().zip(chunk) {
-            *x = exp(*x - max);
-            *l += *x;
-        }
+/// `a·b + c`, fused where the instruction is known to exist (elsewhere `mul_add` would
+/// call a slow library routine).
+#[inline(always)]
+fn mul_add<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FMA {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
     }
-    let mut sum = 0f32;
-    for x in chunks.into_remainder() {
-        *x = exp(*x - max);
-        sum += *x;
-    }
-    (max, sum + lanes.iter().sum::<f32>())
 }
 
 /// `exp(x)` to about 2 ulp for `x ≤ 88`, 0 below `-87.3` (where f32 results would be
 /// subnormal); branch-free so that loops over it vectorise. Cody–Waite reduction
 /// `x = n·ln 2 + r`, `|r| ≤ ln 2 / 2`, and the Cephes `expf` polynomial for `e^r`.
 #[inline(always)]
-fn exp(x: f32) -> f32 {
+fn exp<const FMA: bool>(x: f32) -> f32 {
     const LO: f32 = -87.3;
     const HI: f32 = 88.0;
     // 1.5·2²³: adding it rounds to an integer, held in the low mantissa bits.
@@ -463,16 +519,17 @@ fn exp(x: f32) -> f32 {
     const LN2_LO: f32 = -2.121_944_4e-4;
     let xc = if x < LO { LO } else { x };
     let xc = if xc > HI { HI } else { xc };
-    let t = xc * std::f32::consts::LOG2_E + ROUND;
+    let t = mul_add::<FMA>(xc, std::f32::consts::LOG2_E, ROUND);
     let n = t - ROUND;
-    let r = xc - n * LN2_HI - n * LN2_LO;
+    let r = mul_add::<FMA>(-n, LN2_HI, xc);
+    let r = mul_add::<FMA>(-n, LN2_LO, r);
     let p = 1.987_569_2e-4;
-    let p = p * r + 1.398_199_9e-3;
-    let p = p * r + 8.333_452e-3;
-    let p = p * r + 4.166_579_6e-2;
-    let p = p * r + 1.666_666_5e-1;
-    let p = p * r + 0.5;
-    let p = p * (r * r) + r + 1.0;
+    let p = mul_add::<FMA>(p, r, 1.398_199_9e-3);
+    let p = mul_add::<FMA>(p, r, 8.333_452e-3);
+    let p = mul_add::<FMA>(p, r, 4.166_579_6e-2);
+    let p = mul_add::<FMA>(p, r, 1.666_666_5e-1);
+    let p = mul_add::<FMA>(p, r, 0.5);
+    let p = mul_add::<FMA>(p, r * r, r) + 1.0;
     // 2ⁿ from the integer in `t`'s mantissa; `n` lies in [-126, 127].
     let n = (t.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
     let pow2 = f32::from_bits(((n + 127) << 23) as u32);
@@ -497,7 +554,24 @@ mod tests {
             .unwrap()
     }
 
-    /// The tiled kernel with the given tiles against the materialising path.
+    /// Every variant of the softmax step this CPU can run.
+    fn simd_variants() -> Vec<Simd> {
+        let mut all = vec![Simd::Portable];
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected;
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                all.push(Simd::Avx2);
+            }
+            if is_x86_feature_detected!("avx512f") {
+                all.push(Simd::Avx512);
+            }
+        }
+        all
+    }
+
+    /// The tiled kernel with the given tiles, in every variant, against the
+    /// materialising path.
     fn check(shape: (usize, usize, usize, usize, usize), blocks: Blocks) {
         let (b, heads, n, m, d) = shape;
         let dev = Device::Cpu;
@@ -505,16 +579,21 @@ mod tests {
         let k = Tensor::randn(0f32, 1., (b, m, heads * d), &dev).unwrap();
         let v = Tensor::randn(0f32, 1., (b, m, heads * d), &dev).unwrap();
         let expected = crate::blocks::attention_chunked(&q, &k, &v, heads, usize::MAX).unwrap();
-        let got = q
-            .apply_op3_no_bwd(&k, &v, &TiledAttention { heads, blocks })
-            .unwrap();
-        assert_eq!(got.dims(), expected.dims());
-        let diff = max_abs(&(&got - &expected).unwrap());
         let scale = max_abs(&v);
-        assert!(
-            diff <= 1e-5 * scale,
-            "{shape:?} {blocks:?}: max |diff| {diff}, scale {scale}"
-        );
+        for simd in simd_variants() {
+            let op = TiledAttention {
+                heads,
+                blocks,
+                simd,
+            };
+            let got = q.apply_op3_no_bwd(&k, &v, &op).unwrap();
+            assert_eq!(got.dims(), expected.dims());
+            let diff = max_abs(&(&got - &expected).unwrap());
+            assert!(
+                diff <= 1e-5 * scale,
+                "{shape:?} {blocks:?} {simd:?}: max |diff| {diff}, scale {scale}"
+            );
+        }
     }
 
     #[test]
@@ -528,6 +607,7 @@ mod tests {
             (1, 8, 130, 77, 64),
             (2, 1, 200, 333, 80),
             (1, 8, 1030, 1030, 80),
+            (1, 2, 600, 1100, 40),
             (2, 1, 100, 77, 160),
             (1, 1, 256, 256, 512),
             (1, 1, 5, 3, 7),
@@ -643,18 +723,22 @@ mod tests {
 
     #[test]
     fn exp_is_accurate() {
-        let mut worst = 0f64;
-        let mut x = -87.0f32;
-        while x < 88.0 {
-            let want = (x as f64).exp();
-            let got = exp(x) as f64;
-            worst = worst.max(((got - want) / want).abs());
-            x += 0.001_7;
+        fn check<const FMA: bool>() {
+            let mut worst = 0f64;
+            let mut x = -87.0f32;
+            while x < 88.0 {
+                let want = (x as f64).exp();
+                let got = exp::<FMA>(x) as f64;
+                worst = worst.max(((got - want) / want).abs());
+                x += 0.001_7;
+            }
+            assert!(worst < 3e-7, "fma {FMA}: relative error {worst}");
+            assert_eq!(exp::<FMA>(-100.0), 0.0);
+            assert_eq!(exp::<FMA>(f32::NEG_INFINITY), 0.0);
+            assert_eq!(exp::<FMA>(0.0), 1.0);
         }
-        assert!(worst < 3e-7, "relative error {worst}");
-        assert_eq!(exp(-100.0), 0.0);
-        assert_eq!(exp(f32::NEG_INFINITY), 0.0);
-        assert_eq!(exp(0.0), 1.0);
+        check::<false>();
+        check::<true>();
     }
 
     #[test]
