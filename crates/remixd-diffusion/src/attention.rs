@@ -16,11 +16,11 @@
 //! (the one candle's own CPU matmul uses), single-threaded inside the tasks; the
 //! exponentials use a vectorisable polynomial `exp`, compiled for AVX-512 and AVX2 and
 //! picked at run time. The tiles are stored transposed, for `gemm`'s sake (see
-//! [`Tile::run`]).
+//! `Tile::run`).
 //!
 //! Hand-written because neither candle (0.11) nor a crate it builds on has a CPU
-//! attention that avoids the score matrix: candle-nn's `scaled_dot_product_attention`
-//! is Metal-only and candle-flash-attn is CUDA-only.
+//! attention that avoids the score matrix: candle-nn's `ops::sdpa` has no CPU
+//! implementation and candle-flash-attn is CUDA-only.
 //!
 //! A per-key additive bias (masking keys, e.g. outside a reference image's region)
 //! belongs right after step 1: add `bias[j]` to row `j` of the transposed score tile
