@@ -24,9 +24,11 @@
 //!
 //! A per-key additive bias (masking keys, e.g. outside a reference image's region)
 //! belongs right after step 1: add `bias[j]` to row `j` of the transposed score tile
-//! before the maxima are taken (`Tile::run`, before `online_softmax`). A query whose keys
-//! are all masked with `-inf` would then need its maximum kept finite (or its output
-//! defined as zero) to avoid `exp(-inf - -inf)`.
+//! before the maxima are taken (`Tile::run`, before `online_softmax`). `CustomOp3` takes
+//! three tensors, so `TiledAttention` would carry the bias as a field (a `(b, m)` tensor
+//! read with `Tensor::storage_and_layout`, or a plain `Vec<f32>`). A query whose keys are
+//! all masked with `-inf` would need its maximum kept finite (or its output defined as
+//! zero) to avoid `exp(-inf - -inf)`.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
