@@ -5,7 +5,7 @@
 //! follow the diffusers state dict, so a `VarBuilder` prefixed with a block's path finds
 //! its tensors.
 
-use candle_core::{Module, Result, Tensor, D};
+use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{GroupNorm, LayerNorm, Linear, VarBuilder};
 
 use crate::conv::Conv2d;
@@ -145,20 +145,26 @@ impl Upsample2D {
     }
 }
 
-/// Most attention scores computed at once (64 MiB of f32); larger products are split
-/// over heads and query rows so memory stays bounded at high resolutions.
-const MAX_SCORES: usize = 1 << 24;
+/// Most attention scores computed at once (64 MiB of f32) by the materialising path;
+/// larger products are split over heads and query rows so memory stays bounded at high
+/// resolutions.
+pub(crate) const MAX_SCORES: usize = 1 << 24;
 
 /// Scaled dot-product attention over `heads` heads.
 ///
 /// `q` is `(b, n, heads·d)`, `k` and `v` are `(b, m, heads·d)`; the result is
-/// `(b, n, heads·d)`. The heads are folded into the batch so that each product is one
-/// batched matrix multiplication.
+/// `(b, n, heads·d)`. f32 on the CPU runs the tiled kernel of [`crate::attention`];
+/// other devices and dtypes materialise the scores with candle ops, the heads folded
+/// into the batch so that each product is one batched matrix multiplication.
 pub(crate) fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
-    attention_chunked(q, k, v, heads, MAX_SCORES)
+    if q.device().is_cpu() && q.dtype() == DType::F32 {
+        crate::attention::tiled_attention(q, k, v, heads)
+    } else {
+        attention_chunked(q, k, v, heads, MAX_SCORES)
+    }
 }
 
-fn attention_chunked(
+pub(crate) fn attention_chunked(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,

@@ -7,6 +7,7 @@
 //! The modules below `engine` know nothing of tasks, HTTP or storage; `engine` adapts
 //! the pipeline to remixd's `Engine` trait (the `local` engine).
 
+pub mod attention;
 mod blocks;
 pub mod clip;
 pub mod conv;

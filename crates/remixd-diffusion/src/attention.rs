@@ -1,0 +1,753 @@
+//! Tiled scaled dot-product attention for the CPU, with an online softmax.
+//!
+//! The materialising path (`q·kᵀ`, softmax, `·v` with candle ops) writes and re-reads a
+//! full `n × m` score matrix per head (64 MiB at 4096 tokens) and candle's softmax takes a
+//! scalar `exp` per score, so attention on the CPU is bound by memory traffic and by that
+//! `exp`. Here each rayon task takes a block of query rows of one batch entry and, for
+//! each head, walks the keys block by block ("flash attention"):
+//!
+//! 1. the score tile `scale · Q_blk · K_blkᵀ` (at most `BLOCK_Q × BLOCK_K`, in cache);
+//! 2. per query, the running maximum and the running sum of `exp(score - max)` are
+//!    updated, the accumulated output is rescaled by `exp(old max - new max)`, and the
+//!    tile is overwritten by its exponentials;
+//! 3. `O_blk += P · V_blk`;
+//!
+//! and finally divides each output row by its sum. Both products run on the `gemm` crate
+//! (the one candle's own CPU matmul uses), single-threaded inside the tasks; the
+//! exponentials use a vectorisable polynomial `exp`, compiled for AVX-512 and AVX2 and
+//! picked at run time. The tiles are stored transposed, for `gemm`'s sake (see
+//! `Tile::run`).
+//!
+//! Hand-written because neither candle (0.11) nor a crate it builds on has a CPU
+//! attention that avoids the score matrix: candle-nn's `ops::sdpa` has no CPU
+//! implementation and candle-flash-attn is CUDA-only.
+//!
+//! A per-key additive bias (masking keys, e.g. outside a reference image's region)
+//! belongs right after step 1: add `bias[j]` to row `j` of the transposed score tile
+//! before the maxima are taken (`Tile::run`, before `online_softmax`). `CustomOp3` takes
+//! three tensors, so `TiledAttention` would carry the bias as a field (a `(b, m)` tensor
+//! read with `Tensor::storage_and_layout`, or a plain `Vec<f32>`). A query whose keys are
+//! all masked with `-inf` would need its maximum kept finite (or its output defined as
+//! zero) to avoid `exp(-inf - -inf)`.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+/// Query rows per task and score tile: a multiple of the 64 rows `gemm`'s AVX-512 f32
+/// kernel computes at once.
+const BLOCK_Q: usize = 128;
+/// Keys per score tile (`BLOCK_Q × BLOCK_K` f32 = 256 KiB, within a core's L2 cache).
+const BLOCK_K: usize = 512;
+
+/// Scaled dot-product attention over `heads` heads with the tiled CPU kernel.
+///
+/// Same contract as the UNet's attention: `q` is `(b, n, heads·d)`, `k` and `v` are
+/// `(b, m, heads·d)` (any strides, e.g. broadcast over the batch); the result is a new
+/// contiguous `(b, n, heads·d)` tensor. Only f32 tensors on the CPU are supported.
+pub fn tiled_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
+    let op = TiledAttention {
+        heads,
+        blocks: Blocks {
+            q: BLOCK_Q,
+            k: BLOCK_K,
+        },
+        simd: Simd::detect(),
+    };
+    q.apply_op3_no_bwd(k, v, &op)
+}
+
+/// The materialising attention with candle ops (score matrix, softmax, product with the
+/// values), which runs on devices other than the CPU. Public, like
+/// [`tiled_attention`], so that the `attention_bench` example can compare the two.
+pub fn materialized_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
+    crate::blocks::attention_chunked(q, k, v, heads, crate::blocks::MAX_SCORES)
+}
+
+/// Tile sizes: query rows per task, keys per score tile.
+#[derive(Debug, Clone, Copy)]
+struct Blocks {
+    q: usize,
+    k: usize,
+}
+
+/// The kernel as a candle op over three CPU storages.
+#[derive(Debug, Clone, Copy)]
+struct TiledAttention {
+    heads: usize,
+    blocks: Blocks,
+    simd: Simd,
+}
+
+impl CustomOp3 for TiledAttention {
+    fn name(&self) -> &'static str {
+        "tiled-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let q = Operand::new("q", s1, l1)?;
+        let k = Operand::new("k", s2, l2)?;
+        let v = Operand::new("v", s3, l3)?;
+        let [b, n, c] = q.dims;
+        let m = k.dims[1];
+        if k.dims != [b, m, c] || v.dims != k.dims {
+            candle_core::bail!(
+                "attention: q {:?}, k {:?} and v {:?} do not fit together",
+                q.dims,
+                k.dims,
+                v.dims
+            );
+        }
+        if self.heads == 0 || c % self.heads != 0 {
+            candle_core::bail!(
+                "attention: width {c} is not a multiple of {} heads",
+                self.heads
+            );
+        }
+        let out = attend(&q, &k, &v, self.heads, self.blocks, self.simd);
+        Ok((CpuStorage::F32(out), Shape::from((b, n, c))))
+    }
+}
+
+/// A `(batch, tokens, channels)` f32 operand as its storage and strides.
+struct Operand<'a> {
+    data: &'a [f32],
+    start: usize,
+    dims: [usize; 3],
+    strides: [usize; 3],
+}
+
+impl<'a> Operand<'a> {
+    fn new(name: &str, storage: &'a CpuStorage, layout: &Layout) -> Result<Self> {
+        let CpuStorage::F32(data) = storage else {
+            candle_core::bail!("attention: {name} is {:?}, not f32", storage.dtype());
+        };
+        let (Ok(&[b, n, c]), Ok(&[sb, sn, sc])) = (
+            <&[usize; 3]>::try_from(layout.dims()),
+            <&[usize; 3]>::try_from(layout.stride()),
+        ) else {
+            candle_core::bail!("attention: {name} has shape {:?}, not 3-D", layout.dims());
+        };
+        let op = Self {
+            data: data.as_slice(),
+            start: layout.start_offset(),
+            dims: [b, n, c],
+            strides: [sb, sn, sc],
+        };
+        // Every element the kernel reads lies at or before the last element's offset; the
+        // raw-pointer products below rely on this check.
+        if b * n * c > 0 && op.offset(b - 1, n - 1, c - 1) >= op.data.len() {
+            candle_core::bail!("attention: {name}'s layout runs past its storage");
+        }
+        Ok(op)
+    }
+
+    fn offset(&self, batch: usize, token: usize, channel: usize) -> usize {
+        let [sb, sn, sc] = self.strides;
+        self.start + batch * sb + token * sn + channel * sc
+    }
+
+    /// Pointer to element `(batch, token, channel)`, which must be in range.
+    fn ptr(&self, batch: usize, token: usize, channel: usize) -> *const f32 {
+        &self.data[self.offset(batch, token, channel)]
+    }
+
+    fn token_stride(&self) -> isize {
+        self.strides[1] as isize
+    }
+
+    fn channel_stride(&self) -> isize {
+        self.strides[2] as isize
+    }
+}
+
+/// Per-task buffers, reused across the heads and key blocks of a task. Tiles are stored
+/// transposed, one row per key or channel and one column per query, so that the softmax
+/// runs along the rows with the queries as vector lanes and the products need no
+/// repacking of the exponentials (see [`Tile::run`]).
+struct Scratch {
+    /// The score tile `Sᵀ`, `block_k × rows`; holds the exponentials after step 2.
+    scores: Vec<f32>,
+    /// The unnormalised output `Oᵀ`, `d × rows`.
+    acc: Vec<f32>,
+    /// Running maximum of each query's scores.
+    max: Vec<f32>,
+    /// Running sum of each query's `exp(score - max)`.
+    sum: Vec<f32>,
+    /// The block's maximum per query, then `exp(old max - new max)`.
+    step: Vec<f32>,
+}
+
+impl Scratch {
+    fn new(rows: usize, block_k: usize, d: usize) -> Self {
+        Self {
+            scores: vec![0.0; block_k * rows],
+            acc: vec![0.0; d * rows],
+            max: vec![0.0; rows],
+            sum: vec![0.0; rows],
+            step: vec![0.0; rows],
+        }
+    }
+}
+
+/// `softmax(q·kᵀ / sqrt(d))·v` per head into a new contiguous `(b, n, heads·d)` buffer.
+fn attend(
+    q: &Operand,
+    k: &Operand,
+    v: &Operand,
+    heads: usize,
+    blocks: Blocks,
+    simd: Simd,
+) -> Vec<f32> {
+    let [b, n, c] = q.dims;
+    let m = k.dims[1];
+    let d = c / heads;
+    let mut out = vec![0f32; b * n * c];
+    // No keys: the materialising path's product over an empty sum is zero, as here.
+    if out.is_empty() || m == 0 {
+        return out;
+    }
+    let rows = task_rows(b, n, blocks.q, candle_core::utils::get_num_threads());
+    let tile = Tile {
+        heads,
+        d,
+        m,
+        block_k: blocks.k,
+        scale: (1.0 / (d as f64).sqrt()) as f32,
+        simd,
+    };
+    out.par_chunks_mut(n * c)
+        .enumerate()
+        .flat_map(|(batch, out)| {
+            out.par_chunks_mut(rows * c)
+                .enumerate()
+                .map(move |(i, out)| (batch, i * rows, out))
+        })
+        .for_each_init(
+            || Scratch::new(rows, blocks.k, d),
+            |scratch, (batch, first, out)| {
+                for head in 0..heads {
+                    tile.run(q, k, v, batch, head, first, out, scratch);
+                }
+            },
+        );
+    out
+}
+
+/// Query rows per task: `block_q`, or fewer when that would leave threads idle.
+fn task_rows(b: usize, n: usize, block_q: usize, threads: usize) -> usize {
+    let per_batch = (2 * threads).div_ceil(b);
+    n.div_ceil(per_batch).max(16).min(block_q).min(n)
+}
+
+/// What one task needs besides its operands and buffers.
+struct Tile {
+    heads: usize,
+    d: usize,
+    m: usize,
+    block_k: usize,
+    scale: f32,
+    simd: Simd,
+}
+
+impl Tile {
+    /// Attention of query rows `first..first + out.len() / (heads·d)` of `(batch, head)`
+    /// into those rows' `head` columns of `out`.
+    ///
+    /// The tiles are transposed (`Sᵀ`, `Oᵀ`: one column per query) because of how `gemm`
+    /// works: it computes `dst = lhs·rhs` with the rows of `lhs` as vector lanes and
+    /// copies ("packs") `lhs` into that layout unless its rows are already unit-stride
+    /// and few columns are produced. With `Oᵀ = Vᵀ·Sᵀ` computed as `O = S·V`, `lhs` is
+    /// the exponentials themselves, already query-contiguous, so that product packs
+    /// nothing for head widths up to 48 (and only the tile otherwise); `Sᵀ = K·Qᵀ` packs
+    /// the query block once per key block. The untransposed order would repack whole
+    /// key and value blocks for every query block.
+    #[allow(clippy::too_many_arguments)]
+    fn run(
+        &self,
+        q: &Operand,
+        k: &Operand,
+        v: &Operand,
+        batch: usize,
+        head: usize,
+        first: usize,
+        out: &mut [f32],
+        scratch: &mut Scratch,
+    ) {
+        let Self {
+            heads,
+            d,
+            m,
+            block_k,
+            scale,
+            simd,
+        } = *self;
+        let c = heads * d;
+        let rows = out.len() / c;
+        let col = head * d;
+        let acc = &mut scratch.acc[..d * rows];
+        acc.fill(0.0);
+        let mut state = Softmax {
+            max: &mut scratch.max[..rows],
+            sum: &mut scratch.sum[..rows],
+            step: &mut scratch.step[..rows],
+        };
+        state.max.fill(f32::NEG_INFINITY);
+        state.sum.fill(0.0);
+        let q_blk = q.ptr(batch, first, col);
+        for key in (0..m).step_by(block_k) {
+            let keys = block_k.min(m - key);
+            let scores = &mut scratch.scores[..keys * rows];
+            // Sᵀ = scale · K_blk · Q_blkᵀ.
+            // SAFETY: `scores` holds `keys × rows` elements, written with row stride
+            // `rows`. The product reads keys `key..key + keys` and query rows
+            // `first..first + rows`, channels `col..col + d`, all within the operands'
+            // ranges (`Operand::new` checked that their storages hold them). `scores` is
+            // this task's own buffer, so nothing else reads or writes it meanwhile.
+            unsafe {
+                gemm::gemm(
+                    keys,
+                    rows,
+                    d,
+                    scores.as_mut_ptr(),
+                    1,
+                    rows as isize,
+                    false,
+                    k.ptr(batch, key, col),
+                    k.channel_stride(),
+                    k.token_stride(),
+                    q_blk,
+                    q.token_stride(),
+                    q.channel_stride(),
+                    0.0,
+                    scale,
+                    false,
+                    false,
+                    false,
+                    Parallelism::None,
+                );
+            }
+            simd.online_softmax(scores, acc, &mut state);
+            // Oᵀ += V_blkᵀ · Sᵀ.
+            // SAFETY: `acc` holds `d × rows` elements written with row stride `rows`;
+            // `scores` holds the `keys × rows` tile just written (row stride `rows`); the
+            // values read are rows `key..key + keys`, channels `col..col + d` of `v`,
+            // within its range as for the keys above. The buffers do not overlap.
+            unsafe {
+                gemm::gemm(
+                    d,
+                    rows,
+                    keys,
+                    acc.as_mut_ptr(),
+                    1,
+                    rows as isize,
+                    true,
+                    v.ptr(batch, key, col),
+                    v.token_stride(),
+                    v.channel_stride(),
+                    scores.as_ptr(),
+                    1,
+                    rows as isize,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    Parallelism::None,
+                );
+            }
+        }
+        for (r, out) in out.chunks_exact_mut(c).enumerate() {
+            let inv = 1.0 / state.sum[r];
+            for (x, o) in out[col..col + d].iter_mut().enumerate() {
+                *o = acc[x * rows + r] * inv;
+            }
+        }
+    }
+}
+
+/// The running softmax statistics of a task's queries, one entry per query.
+struct Softmax<'a> {
+    /// Maximum score so far.
+    max: &'a mut [f32],
+    /// Sum of `exp(score - max)` so far.
+    sum: &'a mut [f32],
+    /// Per-block working space.
+    step: &'a mut [f32],
+}
+
+/// The compiled variant of the softmax step this CPU runs.
+#[derive(Debug, Clone, Copy)]
+enum Simd {
+    Portable,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+}
+
+impl Simd {
+    fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                return Self::Avx512;
+            }
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                return Self::Avx2;
+            }
+        }
+        Self::Portable
+    }
+
+    /// See [`online_softmax`].
+    fn online_softmax(self, scores: &mut [f32], acc: &mut [f32], state: &mut Softmax) {
+        match self {
+            Self::Portable => online_softmax::<false>(scores, acc, state),
+            // SAFETY: these variants are made only where the CPU was found to have the
+            // features (`detect`, and the tests' `simd_variants`).
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx2 => unsafe { x86::online_softmax_avx2(scores, acc, state) },
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx512 => unsafe { x86::online_softmax_avx512(scores, acc, state) },
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::Softmax;
+
+    /// [`super::online_softmax`] compiled for AVX2 and FMA.
+    ///
+    /// # Safety
+    ///
+    /// The CPU must support AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn online_softmax_avx2(
+        scores: &mut [f32],
+        acc: &mut [f32],
+        state: &mut Softmax,
+    ) {
+        super::online_softmax::<true>(scores, acc, state)
+    }
+
+    /// [`super::online_softmax`] compiled for AVX-512.
+    ///
+    /// # Safety
+    ///
+    /// The CPU must support AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn online_softmax_avx512(
+        scores: &mut [f32],
+        acc: &mut [f32],
+        state: &mut Softmax,
+    ) {
+        super::online_softmax::<true>(scores, acc, state)
+    }
+}
+
+/// Step 2 for one key block: `scores` is `Sᵀ` (one row per key, one column per query),
+/// `acc` is `Oᵀ` (one row per channel). Raises each query's running maximum to cover the
+/// block, rescales the running sums and `acc` by `exp(old max - new max)`, replaces the
+/// scores by `exp(score - max)` and adds them to the sums. All loops run along the
+/// queries, so they vectorise.
+#[inline(always)]
+fn online_softmax<const FMA: bool>(scores: &mut [f32], acc: &mut [f32], state: &mut Softmax) {
+    let Softmax { max, sum, step } = state;
+    let rows = max.len();
+    step.copy_from_slice(max);
+    for row in scores.chunks_exact(rows) {
+        for (m, &s) in step.iter_mut().zip(row) {
+            *m = if s > *m { s } else { *m };
+        }
+    }
+    // `max` holds the corrections until the new maxima replace it. On the first block the
+    // old maxima are -inf, the corrections 0, and `acc` and the sums are zero anyway.
+    let mut rescale = false;
+    for ((m, s), &new) in max.iter_mut().zip(sum.iter_mut()).zip(&**step) {
+        *m = exp::<FMA>(*m - new);
+        *s *= *m;
+        rescale |= *m != 1.0;
+    }
+    if rescale {
+        for row in acc.chunks_exact_mut(rows) {
+            for (a, &corr) in row.iter_mut().zip(&**max) {
+                *a *= corr;
+            }
+        }
+    }
+    max.copy_from_slice(step);
+    for row in scores.chunks_exact_mut(rows) {
+        for ((x, &m), s) in row.iter_mut().zip(&**max).zip(sum.iter_mut()) {
+            *x = exp::<FMA>(*x - m);
+            *s += *x;
+        }
+    }
+}
+
+/// `a·b + c`, fused where the instruction is known to exist (elsewhere `mul_add` would
+/// call a slow library routine).
+#[inline(always)]
+fn mul_add<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FMA {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
+}
+
+/// `exp(x)` to about 2 ulp for `x ≤ 88`, 0 below `-87.3` (where f32 results would be
+/// subnormal); branch-free so that loops over it vectorise. Cody–Waite reduction
+/// `x = n·ln 2 + r`, `|r| ≤ ln 2 / 2`, and the Cephes `expf` polynomial for `e^r`.
+#[inline(always)]
+fn exp<const FMA: bool>(x: f32) -> f32 {
+    const LO: f32 = -87.3;
+    const HI: f32 = 88.0;
+    // 1.5·2²³: adding it rounds to an integer, held in the low mantissa bits.
+    const ROUND: f32 = 12_582_912.0;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let xc = if x < LO { LO } else { x };
+    let xc = if xc > HI { HI } else { xc };
+    let t = mul_add::<FMA>(xc, std::f32::consts::LOG2_E, ROUND);
+    let n = t - ROUND;
+    let r = mul_add::<FMA>(-n, LN2_HI, xc);
+    let r = mul_add::<FMA>(-n, LN2_LO, r);
+    let p = 1.987_569_2e-4;
+    let p = mul_add::<FMA>(p, r, 1.398_199_9e-3);
+    let p = mul_add::<FMA>(p, r, 8.333_452e-3);
+    let p = mul_add::<FMA>(p, r, 4.166_579_6e-2);
+    let p = mul_add::<FMA>(p, r, 1.666_666_5e-1);
+    let p = mul_add::<FMA>(p, r, 0.5);
+    let p = mul_add::<FMA>(p, r * r, r) + 1.0;
+    // 2ⁿ from the integer in `t`'s mantissa; `n` lies in [-126, 127].
+    let n = (t.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
+    let pow2 = f32::from_bits(((n + 127) << 23) as u32);
+    if x < LO {
+        0.0
+    } else {
+        p * pow2
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, IndexOp};
+
+    fn max_abs(t: &Tensor) -> f32 {
+        t.abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    /// Every variant of the softmax step this CPU can run.
+    fn simd_variants() -> Vec<Simd> {
+        let mut all = vec![Simd::Portable];
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected;
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                all.push(Simd::Avx2);
+            }
+            if is_x86_feature_detected!("avx512f") {
+                all.push(Simd::Avx512);
+            }
+        }
+        all
+    }
+
+    /// The tiled kernel with the given tiles, in every variant, against the
+    /// materialising path.
+    fn check(shape: (usize, usize, usize, usize, usize), blocks: Blocks) {
+        let (b, heads, n, m, d) = shape;
+        let dev = Device::Cpu;
+        let q = Tensor::randn(0f32, 1., (b, n, heads * d), &dev).unwrap();
+        let k = Tensor::randn(0f32, 1., (b, m, heads * d), &dev).unwrap();
+        let v = Tensor::randn(0f32, 1., (b, m, heads * d), &dev).unwrap();
+        let expected = crate::blocks::attention_chunked(&q, &k, &v, heads, usize::MAX).unwrap();
+        let scale = max_abs(&v);
+        for simd in simd_variants() {
+            let op = TiledAttention {
+                heads,
+                blocks,
+                simd,
+            };
+            let got = q.apply_op3_no_bwd(&k, &v, &op).unwrap();
+            assert_eq!(got.dims(), expected.dims());
+            let diff = max_abs(&(&got - &expected).unwrap());
+            assert!(
+                diff <= 1e-5 * scale,
+                "{shape:?} {blocks:?} {simd:?}: max |diff| {diff}, scale {scale}"
+            );
+        }
+    }
+
+    #[test]
+    fn matches_materialized_attention() {
+        // (b, heads, n, m, d): self-attention, cross-attention over 77 tokens, block
+        // sizes that do not divide n or m, the UNet's and the VAE's head widths.
+        let shapes = [
+            (1, 1, 64, 64, 40),
+            (2, 8, 300, 300, 40),
+            (2, 8, 257, 77, 40),
+            (1, 8, 130, 77, 64),
+            (2, 1, 200, 333, 80),
+            (1, 8, 1030, 1030, 80),
+            (1, 2, 600, 1100, 40),
+            (2, 1, 100, 77, 160),
+            (1, 1, 256, 256, 512),
+            (1, 1, 5, 3, 7),
+        ];
+        for shape in shapes {
+            check(
+                shape,
+                Blocks {
+                    q: BLOCK_Q,
+                    k: BLOCK_K,
+                },
+            );
+        }
+    }
+
+    #[test]
+    fn small_tiles_match_materialized_attention() {
+        // Many key blocks per row, a partial last block of keys and of queries.
+        for blocks in [
+            Blocks { q: 16, k: 16 },
+            Blocks { q: 7, k: 5 },
+            Blocks { q: 64, k: 1 },
+        ] {
+            check((2, 2, 45, 53, 40), blocks);
+            check((1, 8, 33, 77, 64), blocks);
+        }
+    }
+
+    #[test]
+    fn large_scores_stay_finite() {
+        // Scores in the hundreds: exp would overflow without the running maximum. Both
+        // f32 paths then carry rounding errors of about 1e-7 of the scores' size, so
+        // compare each with the materialising path in f64.
+        let dev = Device::Cpu;
+        let q = (Tensor::randn(0f32, 1., (1, 100, 64), &dev).unwrap() * 10.0).unwrap();
+        let k = (Tensor::randn(0f32, 1., (1, 90, 64), &dev).unwrap() * 10.0).unwrap();
+        let v = Tensor::randn(0f32, 1., (1, 90, 64), &dev).unwrap();
+        let f64 = |t: &Tensor| t.to_dtype(candle_core::DType::F64).unwrap();
+        let exact =
+            crate::blocks::attention_chunked(&f64(&q), &f64(&k), &f64(&v), 2, usize::MAX).unwrap();
+        let err = |t: Tensor| {
+            (f64(&t) - &exact)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        };
+        let reference = err(crate::blocks::attention_chunked(&q, &k, &v, 2, usize::MAX).unwrap());
+        let tiled = err(tiled_attention(&q, &k, &v, 2).unwrap());
+        assert!(
+            tiled.is_finite() && tiled <= 2.0 * reference + 1e-6,
+            "{tiled} vs {reference}"
+        );
+    }
+
+    #[test]
+    fn strided_operands() {
+        // Keys and values broadcast over the batch (stride 0), queries transposed.
+        let dev = Device::Cpu;
+        let q = Tensor::randn(0f32, 1., (2, 80, 70), &dev)
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap();
+        let kv = Tensor::randn(0f32, 1., (1, 77, 160), &dev).unwrap();
+        let k = kv
+            .narrow(2, 0, 80)
+            .unwrap()
+            .broadcast_as((2, 77, 80))
+            .unwrap();
+        let v = kv
+            .narrow(2, 80, 80)
+            .unwrap()
+            .broadcast_as((2, 77, 80))
+            .unwrap();
+        let expected = crate::blocks::attention_chunked(&q, &k, &v, 2, usize::MAX).unwrap();
+        let got = tiled_attention(&q, &k, &v, 2).unwrap();
+        let diff = max_abs(&(&got - &expected).unwrap());
+        assert!(diff <= 1e-5 * max_abs(&v), "max |diff| {diff}");
+        // Batch entries with the same keys and values differ only through the queries.
+        let one = tiled_attention(
+            &q.i(1..2).unwrap(),
+            &k.i(1..2).unwrap(),
+            &v.i(1..2).unwrap(),
+            2,
+        )
+        .unwrap();
+        assert_eq!(max_abs(&(one - got.i(1..2).unwrap()).unwrap()), 0.0);
+    }
+
+    #[test]
+    fn no_keys_give_zeros() {
+        let dev = Device::Cpu;
+        let q = Tensor::randn(0f32, 1., (1, 4, 8), &dev).unwrap();
+        let kv = Tensor::zeros((1, 0, 8), candle_core::DType::F32, &dev).unwrap();
+        let got = tiled_attention(&q, &kv, &kv, 2).unwrap();
+        assert_eq!(got.dims(), &[1, 4, 8]);
+        assert_eq!(max_abs(&got), 0.0);
+    }
+
+    #[test]
+    fn rejects_mismatched_operands() {
+        let dev = Device::Cpu;
+        let q = Tensor::zeros((1, 4, 8), candle_core::DType::F32, &dev).unwrap();
+        let k = Tensor::zeros((1, 3, 6), candle_core::DType::F32, &dev).unwrap();
+        assert!(tiled_attention(&q, &k, &k, 2).is_err());
+        assert!(tiled_attention(&q, &q, &q, 3).is_err());
+        let h = q.to_dtype(candle_core::DType::F16).unwrap();
+        assert!(tiled_attention(&h, &h, &h, 2).is_err());
+    }
+
+    #[test]
+    fn exp_is_accurate() {
+        fn check<const FMA: bool>() {
+            let mut worst = 0f64;
+            let mut x = -87.0f32;
+            while x < 88.0 {
+                let want = (x as f64).exp();
+                let got = exp::<FMA>(x) as f64;
+                worst = worst.max(((got - want) / want).abs());
+                x += 0.001_7;
+            }
+            assert!(worst < 3e-7, "fma {FMA}: relative error {worst}");
+            assert_eq!(exp::<FMA>(-100.0), 0.0);
+            assert_eq!(exp::<FMA>(f32::NEG_INFINITY), 0.0);
+            assert_eq!(exp::<FMA>(0.0), 1.0);
+        }
+        check::<false>();
+        check::<true>();
+    }
+
+    #[test]
+    fn task_rows_keep_threads_busy() {
+        assert_eq!(task_rows(2, 4096, 64, 2), 64);
+        assert_eq!(task_rows(1, 4096, 64, 64), 32);
+        assert_eq!(task_rows(2, 64, 64, 16), 16);
+        assert_eq!(task_rows(1, 5, 64, 2), 5);
+    }
+}
