@@ -504,6 +504,17 @@ def cmd_table(args) -> None:
     print("GFLOP: torch's FlopCounterMode on diffusers, used for both sides: convolutions, matmuls and")
     print("  attention, a multiply-add = 2 FLOPs; norms, activations, softmax not counted")
     print("diffusers/remixd > 1: remixd is faster")
+    kernels = [
+        ("3x3 conv, 320 ch, 64x64, batch 2", "conv3x3_320_candle_s", "conv3x3_320_im2col_s", "candle's conv", "im2col"),
+        ("self-attention, 4096 tokens, 8x40, batch 2", "attention_4096_materialised_s", "attention_4096_tiled_s", "materialised", "tiled"),
+    ]
+    if any(number(r, old) for _, old, _, _, _ in kernels):
+        print()
+        print("remixd's kernels against the paths they replace (same run, remixd side):")
+        for label, old, new, old_name, new_name in kernels:
+            o, n = number(r, old), number(r, new)
+            speedup = f"{o / n:.2f}x" if o and n else "-"
+            print(f"  {label}: {old_name} {fmt(o, '.3f')} s, {new_name} {fmt(n, '.3f')} s, {speedup}")
     notes = []
     if d.get("threads") != r.get("threads"):
         notes.append("the two sides ran with different thread counts")

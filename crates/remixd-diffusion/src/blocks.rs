@@ -6,19 +6,10 @@
 //! its tensors.
 
 use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::{GroupNorm, LayerNorm, Linear, VarBuilder};
+use candle_nn::{LayerNorm, Linear, VarBuilder};
 
 use crate::conv::Conv2d;
-
-/// A group norm with an affine transform.
-pub(crate) fn group_norm(
-    vb: VarBuilder,
-    groups: usize,
-    channels: usize,
-    eps: f64,
-) -> Result<GroupNorm> {
-    candle_nn::group_norm(groups, channels, eps, vb)
-}
+pub(crate) use crate::norm::GroupNorm;
 
 /// `ResnetBlock2D` with the default time-embedding handling (added after `conv1`).
 #[derive(Debug, Clone)]
@@ -47,13 +38,13 @@ pub(crate) struct ResnetConfig {
 impl ResnetBlock2D {
     pub(crate) fn new(vb: VarBuilder, cfg: ResnetConfig) -> Result<Self> {
         let (cin, cout) = (cfg.in_channels, cfg.out_channels);
-        let norm1 = group_norm(vb.pp("norm1"), cfg.groups, cin, cfg.eps)?;
+        let norm1 = GroupNorm::new(vb.pp("norm1"), cfg.groups, cin, cfg.eps)?;
         let conv1 = Conv2d::new(vb.pp("conv1"), cin, cout, 3, 1, 1)?;
         let time_emb_proj = match cfg.temb_channels {
             Some(t) => Some(candle_nn::linear(t, cout, vb.pp("time_emb_proj"))?),
             None => None,
         };
-        let norm2 = group_norm(vb.pp("norm2"), cfg.groups, cout, cfg.eps)?;
+        let norm2 = GroupNorm::new(vb.pp("norm2"), cfg.groups, cout, cfg.eps)?;
         let conv2 = Conv2d::new(vb.pp("conv2"), cout, cout, 3, 1, 1)?;
         let conv_shortcut = if cin != cout {
             Some(Conv2d::new(vb.pp("conv_shortcut"), cin, cout, 1, 1, 0)?)
@@ -74,13 +65,13 @@ impl ResnetBlock2D {
     /// `temb` is the activated-later time embedding `(b, temb_channels)`; ignored when
     /// the block was built without one.
     pub(crate) fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
-        let h = self.norm1.forward(x)?.silu()?;
+        let h = self.norm1.forward_silu(x)?;
         let mut h = self.conv1.forward(&h)?;
         if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
             let t = proj.forward(&temb.silu()?)?.unsqueeze(2)?.unsqueeze(3)?;
             h = h.broadcast_add(&t)?;
         }
-        let h = self.norm2.forward(&h)?.silu()?;
+        let h = self.norm2.forward_silu(&h)?;
         let h = self.conv2.forward(&h)?;
         let out = match &self.conv_shortcut {
             Some(c) => (c.forward(x)? + h)?,
@@ -399,7 +390,7 @@ impl Transformer2D {
     ) -> Result<Self> {
         let c = cfg.channels;
         let inner = cfg.heads * cfg.head_dim;
-        let norm = group_norm(vb.pp("norm"), cfg.groups, c, 1e-6)?;
+        let norm = GroupNorm::new(vb.pp("norm"), cfg.groups, c, 1e-6)?;
         let (proj_in, proj_out) = if cfg.use_linear_projection {
             (
                 Projection::Linear(candle_nn::linear(c, inner, vb.pp("proj_in"))?),
@@ -473,7 +464,7 @@ impl SpatialAttention {
     pub(crate) fn new(vb: VarBuilder, channels: usize, groups: usize, eps: f64) -> Result<Self> {
         let lin = |name: &str| candle_nn::linear(channels, channels, vb.pp(name));
         Ok(Self {
-            norm: group_norm(vb.pp("group_norm"), groups, channels, eps)?,
+            norm: GroupNorm::new(vb.pp("group_norm"), groups, channels, eps)?,
             to_q: lin("to_q")?,
             to_k: lin("to_k")?,
             to_v: lin("to_v")?,

@@ -68,22 +68,37 @@ impl Module for Conv2d {
     }
 }
 
+/// The most im2col matrix elements built at once (32 MiB of f32): larger images are
+/// done in strips of rows, so that the VAE's 512×512×128 activations do not need a
+/// 1.2 GB column matrix.
+const MAX_COLS: usize = 1 << 23;
+
 /// 3×3, stride 1, padding 1: `flat` is `(c_out, c_in·9)`, `x` is `(b, c_in, h, w)`.
 fn conv3x3_im2col(x: &Tensor, flat: &Tensor) -> Result<Tensor> {
     let (b, c, h, w) = x.dims4()?;
     let c_out = flat.dim(0)?;
     let padded = x.pad_with_zeros(2, 1, 1)?.pad_with_zeros(3, 1, 1)?;
+    let rows = (MAX_COLS / (c * 9 * w)).clamp(1, h);
     let mut out = Vec::with_capacity(b);
     for i in 0..b {
         let img = padded.get(i)?;
-        // Row `c·9 + ky·3 + kx` of the column matrix is channel c shifted by (ky, kx),
-        // matching the order of the flattened kernel's columns.
-        let shifts = (0..3)
-            .flat_map(|ky| (0..3).map(move |kx| (ky, kx)))
-            .map(|(ky, kx)| img.narrow(1, ky, h)?.narrow(2, kx, w))
-            .collect::<Result<Vec<_>>>()?;
-        let cols = Tensor::stack(&shifts, 1)?.reshape((c * 9, h * w))?;
-        out.push(flat.matmul(&cols)?.reshape((c_out, h, w))?);
+        let mut strips = Vec::with_capacity(h.div_ceil(rows));
+        for top in (0..h).step_by(rows) {
+            let n = rows.min(h - top);
+            // Row `c·9 + ky·3 + kx` of the column matrix is channel c shifted by (ky, kx),
+            // matching the order of the flattened kernel's columns.
+            let shifts = (0..3)
+                .flat_map(|ky| (0..3).map(move |kx| (ky, kx)))
+                .map(|(ky, kx)| img.narrow(1, top + ky, n)?.narrow(2, kx, w))
+                .collect::<Result<Vec<_>>>()?;
+            let cols = Tensor::stack(&shifts, 1)?.reshape((c * 9, n * w))?;
+            strips.push(flat.matmul(&cols)?.reshape((c_out, n, w))?);
+        }
+        out.push(if strips.len() == 1 {
+            strips.pop().expect("one strip")
+        } else {
+            Tensor::cat(&strips, 1)?
+        });
     }
     Tensor::stack(&out, 0)
 }
@@ -119,7 +134,13 @@ mod tests {
 
     #[test]
     fn the_im2col_path_equals_candles_convolution() {
-        for (b, cin, cout, h, w) in [(1, 3, 8, 5, 7), (2, 16, 4, 8, 8), (2, 32, 32, 9, 4)] {
+        // The last shape is done in two strips of rows (MAX_COLS / (64·9·512) = 28 rows).
+        for (b, cin, cout, h, w) in [
+            (1, 3, 8, 5, 7),
+            (2, 16, 4, 8, 8),
+            (2, 32, 32, 9, 4),
+            (1, 64, 2, 40, 512),
+        ] {
             let c = conv(cin, cout, 3, 1, 1);
             assert!(c.flat.is_some());
             let x = Tensor::randn(0f32, 1f32, (b, cin, h, w), &Device::Cpu).unwrap();

@@ -5,9 +5,9 @@
 //! size at the end), the step count per `rendering_speed`, the strength curve, the
 //! style presets, one seed per image, progress and cancellation.
 //!
-//! This pipeline is plain img2img on the base image and the prompt; the
-//! character reference, its mask and the style images are not used yet (attention
-//! sharing comes next), and the docs say so.
+//! The pipeline is plain img2img of the base image with the prompt so far: the character
+//! reference, its mask and the style images are not used yet (attention sharing comes
+//! next), and the README says so.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -104,6 +104,17 @@ pub fn schedule_steps(steps: usize, fraction: f64) -> usize {
     steps.max(least)
 }
 
+/// The prompt the model sees: the style's preset phrases, then remixd's prompt
+/// expansion when the task asks for it.
+pub fn local_prompt(job: &Job) -> String {
+    let styled = styled_prompt(&job.prompt, job.style);
+    if job.expand_prompt {
+        remixd_domain::prompt::expand(&styled, job.style)
+    } else {
+        styled
+    }
+}
+
 /// The prompt with the style's preset phrases.
 pub fn styled_prompt(prompt: &str, style: Style) -> String {
     match style {
@@ -160,7 +171,7 @@ impl LocalEngine {
         let image = image_to_tensor(base.as_raw(), gen, &model.device)?;
         let fraction = denoise_fraction(job.strength.get());
         let params = Img2ImgParams {
-            prompt: styled_prompt(&job.prompt, job.style),
+            prompt: local_prompt(job),
             negative_prompt: job.negative_prompt.clone(),
             steps: schedule_steps(self.steps(job.rendering_speed), fraction),
             strength: fraction,

@@ -4,8 +4,8 @@
 //! candle-transformers: the character conditioning needs hooks inside attention, and the
 //! reference implementation's exact GELU must be matched for numerical parity.
 //!
-//! The modules below `engine` know nothing of tasks, HTTP or storage; `engine` adapts
-//! the pipeline to remixd's `Engine` trait (the `local` engine).
+//! Every module but `engine` knows nothing of tasks, HTTP or storage; `engine` adapts the
+//! pipeline to remixd's `Engine` trait (the `local` engine).
 
 pub mod attention;
 mod blocks;
@@ -15,6 +15,7 @@ pub mod engine;
 pub mod error;
 pub mod model;
 pub mod noise;
+mod norm;
 pub mod pipeline;
 pub mod scheduler;
 pub mod tokenizer;

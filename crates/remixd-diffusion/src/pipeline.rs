@@ -7,7 +7,7 @@
 //! Sizes, presets and the task's strength curve belong to the engine adapter; here
 //! `strength` has diffusers' meaning: the fraction of the schedule that is run.
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 
 use crate::model::StableDiffusion;
 use crate::noise::NoiseSource;
@@ -178,14 +178,6 @@ pub fn generation_size(native: u32, multiple: u32, (tw, th): (u32, u32)) -> (u32
     let w = h * aspect;
     let round = |x: f64| ((x / multiple as f64).round().max(1.0) as u32) * multiple;
     (round(w), round(h))
-}
-
-/// Mean absolute value of a tensor, for logs and tests.
-pub fn mean_abs(t: &Tensor) -> Result<f32> {
-    Ok(t.abs()?
-        .flatten_all()?
-        .mean(D::Minus1)?
-        .to_scalar::<f32>()?)
 }
 
 #[cfg(test)]

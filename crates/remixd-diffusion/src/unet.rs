@@ -7,13 +7,13 @@
 use std::path::Path;
 
 use candle_core::{Device, Module, Tensor};
-use candle_nn::{GroupNorm, Linear, VarBuilder};
+use candle_nn::{Linear, VarBuilder};
 
 use crate::conv::Conv2d;
 use serde::Deserialize;
 
 use crate::blocks::{
-    group_norm, Downsample2D, ResnetBlock2D, ResnetConfig, Transformer2D, Transformer2DConfig,
+    Downsample2D, GroupNorm, ResnetBlock2D, ResnetConfig, Transformer2D, Transformer2DConfig,
     Upsample2D,
 };
 use crate::error::{read_json, Context, Error, Result};
@@ -727,7 +727,7 @@ impl UNet2DConditionModel {
             .enumerate()
             .map(|(i, p)| UpBlock::new(vb.pp(format!("up_blocks.{i}")), p, &mut b))
             .collect::<candle_core::Result<Vec<_>>>()?;
-        let norm_out = group_norm(vb.pp("conv_norm_out"), plan.groups, c0, cfg.norm_eps)?;
+        let norm_out = GroupNorm::new(vb.pp("conv_norm_out"), plan.groups, c0, cfg.norm_eps)?;
         let conv_out = Conv2d::new(
             vb.pp("conv_out"),
             c0,
@@ -804,7 +804,7 @@ impl UNet2DConditionModel {
         for block in &self.up {
             x = block.forward(&x, &temb, context, &mut skips)?;
         }
-        let x = self.norm_out.forward(&x)?.silu()?;
+        let x = self.norm_out.forward_silu(&x)?;
         self.conv_out.forward(&x)
     }
 }

@@ -5,13 +5,13 @@
 use std::path::Path;
 
 use candle_core::{Device, Module, Tensor};
-use candle_nn::{GroupNorm, VarBuilder};
+use candle_nn::VarBuilder;
 
 use crate::conv::Conv2d;
 use serde::Deserialize;
 
 use crate::blocks::{
-    group_norm, Downsample2D, ResnetBlock2D, ResnetConfig, SpatialAttention, Upsample2D,
+    Downsample2D, GroupNorm, ResnetBlock2D, ResnetConfig, SpatialAttention, Upsample2D,
 };
 use crate::error::{read_json, Context, Error, Result};
 
@@ -223,7 +223,7 @@ impl Encoder {
             conv_in,
             blocks,
             mid: MidBlock::new(vb.pp("mid_block"), cfg, last)?,
-            norm_out: group_norm(vb.pp("conv_norm_out"), cfg.norm_num_groups, last, EPS)?,
+            norm_out: GroupNorm::new(vb.pp("conv_norm_out"), cfg.norm_num_groups, last, EPS)?,
             conv_out: Conv2d::new(vb.pp("conv_out"), last, 2 * cfg.latent_channels, 3, 1, 1)?,
         })
     }
@@ -234,7 +234,7 @@ impl Encoder {
             x = b.forward(&x)?;
         }
         let x = self.mid.forward(&x)?;
-        let x = self.norm_out.forward(&x)?.silu()?;
+        let x = self.norm_out.forward_silu(&x)?;
         self.conv_out.forward(&x)
     }
 }
@@ -278,7 +278,7 @@ impl Decoder {
             conv_in,
             mid,
             blocks,
-            norm_out: group_norm(vb.pp("conv_norm_out"), cfg.norm_num_groups, first, EPS)?,
+            norm_out: GroupNorm::new(vb.pp("conv_norm_out"), cfg.norm_num_groups, first, EPS)?,
             conv_out: Conv2d::new(vb.pp("conv_out"), first, cfg.out_channels, 3, 1, 1)?,
         })
     }
@@ -289,7 +289,7 @@ impl Decoder {
         for b in &self.blocks {
             x = b.forward(&x)?;
         }
-        let x = self.norm_out.forward(&x)?.silu()?;
+        let x = self.norm_out.forward_silu(&x)?;
         self.conv_out.forward(&x)
     }
 }

@@ -6,6 +6,7 @@
 
 pub mod account;
 pub mod input;
+pub mod prompt;
 pub mod task;
 
 pub use account::{AccountId, ApiKeyToken, KeyId, KeyLimits, ParsedKey};

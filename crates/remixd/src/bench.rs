@@ -345,6 +345,43 @@ pub fn sd(b: SdBench) -> anyhow::Result<()> {
         Ok(())
     })?;
 
+    // The two optimised kernels against the paths they replace, at SD 1.5's largest
+    // shapes (512², guidance batch 2), in this same run.
+    let conv = {
+        use candle_core::Module;
+        let vm = candle_nn::VarMap::new();
+        let vb = candle_nn::VarBuilder::from_varmap(&vm, DType::F32, &dev);
+        let conv = remixd_diffusion::conv::Conv2d::new(vb, 320, 320, 3, 1, 1)?;
+        let x = randn(&[2, 320, latent, latent])?;
+        let old = time("conv 3x3 320ch, candle", b.repeats, &mut || {
+            std::hint::black_box(conv.forward_candle(&x)?);
+            Ok(())
+        })?;
+        let new = time("conv 3x3 320ch, im2col", b.repeats, &mut || {
+            std::hint::black_box(conv.forward(&x)?);
+            Ok(())
+        })?;
+        (old, new)
+    };
+    let attn = {
+        use remixd_diffusion::attention::{materialized_attention, tiled_attention};
+        let tokens = latent * latent;
+        let (q, k, v) = (
+            randn(&[2, tokens, 320])?,
+            randn(&[2, tokens, 320])?,
+            randn(&[2, tokens, 320])?,
+        );
+        let old = time("self-attention 8x40, materialised", b.repeats, &mut || {
+            std::hint::black_box(materialized_attention(&q, &k, &v, 8)?);
+            Ok(())
+        })?;
+        let new = time("self-attention 8x40, tiled", b.repeats, &mut || {
+            std::hint::black_box(tiled_attention(&q, &k, &v, 8)?);
+            Ok(())
+        })?;
+        (old, new)
+    };
+
     let n = 4096;
     let (a, c) = (randn(&[n, n])?, randn(&[n, n])?);
     let matmul = time("matmul 4096²", 3, &mut || {
@@ -361,6 +398,10 @@ pub fn sd(b: SdBench) -> anyhow::Result<()> {
         "image_s": image_s,
         "image_unet_passes": passes,
         "matmul_gflops": 2.0 * (n as f64).powi(3) / matmul / 1e9,
+        "conv3x3_320_candle_s": conv.0,
+        "conv3x3_320_im2col_s": conv.1,
+        "attention_4096_materialised_s": attn.0,
+        "attention_4096_tiled_s": attn.1,
     });
     println!("{figures}");
     Ok(())
