@@ -7,8 +7,11 @@
 //!
 //! Tolerance, elementwise: `|ours - reference| <= 1e-5 + 1e-4 * |reference|`.
 
+mod common;
+
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+
+use common::fixtures;
 
 use candle_core::{Device, Tensor};
 use remixd_diffusion::scheduler::{build, SchedulerConfig, SchedulerKind};
@@ -18,30 +21,8 @@ const MODELS: [&str; 2] = ["tiny-sd1", "tiny-sd2"];
 const RTOL: f64 = 1e-4;
 const ATOL: f64 = 1e-5;
 
-/// The sidecar is written by Python's `json`, which spells non-finite floats as bare
-/// `Infinity` / `NaN` (a DPM config's `lambda_min_clipped`); read those values as null.
-fn python_json(text: &str) -> String {
-    text.replace(": -Infinity", ": null")
-        .replace(": Infinity", ": null")
-        .replace(": NaN", ": null")
-}
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
-
 fn load(model: &str) -> (HashMap<String, Tensor>, Value) {
-    let dir = fixtures();
-    let tensors = candle_core::safetensors::load(
-        dir.join(format!("reference-{model}.safetensors")),
-        &Device::Cpu,
-    )
-    .expect("reference tensors");
-    let meta = serde_json::from_str(&python_json(
-        &std::fs::read_to_string(dir.join(format!("reference-{model}.json"))).expect("sidecar"),
-    ))
-    .expect("sidecar JSON");
-    (tensors, meta)
+    (common::reference(model), common::sidecar(model))
 }
 
 fn values(t: &Tensor) -> Vec<f64> {

@@ -5,8 +5,11 @@
 //! `|ours - reference| <= 1e-5 + 1e-4 * |reference|` (f32 on both sides; the SD 2.x
 //! encoder's weights are f16 on disk, read into f32 as the reference does).
 
+mod common;
+
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+
+use common::fixtures;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -18,35 +21,16 @@ const MODELS: [&str; 2] = ["tiny-sd1", "tiny-sd2"];
 const RTOL: f32 = 1e-4;
 const ATOL: f32 = 1e-5;
 
-/// The sidecar is written by Python's `json`, which spells non-finite floats as bare
-/// `Infinity` / `NaN` (a DPM config's `lambda_min_clipped`); read those values as null.
-fn python_json(text: &str) -> String {
-    text.replace(": -Infinity", ": null")
-        .replace(": Infinity", ": null")
-        .replace(": NaN", ": null")
-}
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
-
 struct Reference {
     tensors: HashMap<String, Tensor>,
     meta: Value,
 }
 
 fn reference(model: &str) -> Reference {
-    let dir = fixtures();
-    let tensors = candle_core::safetensors::load(
-        dir.join(format!("reference-{model}.safetensors")),
-        &Device::Cpu,
-    )
-    .expect("reference tensors");
-    let meta = serde_json::from_str(&python_json(
-        &std::fs::read_to_string(dir.join(format!("reference-{model}.json"))).expect("sidecar"),
-    ))
-    .expect("sidecar JSON");
-    Reference { tensors, meta }
+    Reference {
+        tensors: common::reference(model),
+        meta: common::sidecar(model),
+    }
 }
 
 impl Reference {
