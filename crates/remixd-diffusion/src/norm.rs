@@ -15,15 +15,18 @@ use rayon::prelude::*;
 #[derive(Debug, Clone)]
 pub(crate) struct GroupNorm {
     inner: candle_nn::GroupNorm,
-    op: Fused,
-}
-
-#[derive(Debug, Clone)]
-struct Fused {
     groups: usize,
     eps: f64,
     gamma: Vec<f32>,
     beta: Vec<f32>,
+}
+
+/// One call's operation; it borrows the weights so that a call copies nothing.
+struct Fused<'a> {
+    groups: usize,
+    eps: f64,
+    gamma: &'a [f32],
+    beta: &'a [f32],
     silu: bool,
 }
 
@@ -35,14 +38,13 @@ impl GroupNorm {
                 .to_dtype(DType::F32)?
                 .to_vec1::<f32>()
         };
-        let op = Fused {
+        Ok(Self {
+            inner,
             groups,
             eps,
             gamma: read("weight")?,
             beta: read("bias")?,
-            silu: false,
-        };
-        Ok(Self { inner, op })
+        })
     }
 
     /// `silu(group_norm(x))`.
@@ -53,8 +55,11 @@ impl GroupNorm {
     fn run(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
         if x.device().is_cpu() && x.dtype() == DType::F32 && x.rank() >= 3 {
             let op = Fused {
+                groups: self.groups,
+                eps: self.eps,
+                gamma: &self.gamma,
+                beta: &self.beta,
                 silu,
-                ..self.op.clone()
             };
             x.contiguous()?.apply_op1_no_bwd(&op)
         } else {
@@ -74,7 +79,7 @@ impl Module for GroupNorm {
     }
 }
 
-impl CustomOp1 for Fused {
+impl CustomOp1 for Fused<'_> {
     fn name(&self) -> &'static str {
         "group-norm-silu"
     }
