@@ -662,8 +662,13 @@ mod tests {
         };
         let reference = err(crate::blocks::attention_chunked(&q, &k, &v, 2, usize::MAX).unwrap());
         let tiled = err(tiled_attention(&q, &k, &v, 2).unwrap());
+        // The two f32 paths round the scores (about 100 here) in different orders, so
+        // either may land up to ~1e-4 from the f64 result (f32 epsilon × score × |v|);
+        // twice the reference's own error alone was too tight for some random inputs
+        // (seen: 6.6e-5 vs 2.3e-5). A missing running maximum gives inf/NaN, a wrong
+        // rescaling an error of order 1.
         assert!(
-            tiled.is_finite() && tiled <= 2.0 * reference + 1e-6,
+            tiled.is_finite() && tiled <= 2.0 * reference + 1e-4,
             "{tiled} vs {reference}"
         );
     }
