@@ -8,7 +8,7 @@
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{LayerNorm, Linear, VarBuilder};
 
-use crate::conv::Conv2d;
+use crate::conv::{Addend, Conv2d};
 pub(crate) use crate::norm::GroupNorm;
 
 /// `ResnetBlock2D` with the default time-embedding handling (added after `conv1`).
@@ -66,17 +66,20 @@ impl ResnetBlock2D {
     /// the block was built without one.
     pub(crate) fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
         let h = self.norm1.forward_silu(x)?;
-        let mut h = self.conv1.forward(&h)?;
-        if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
-            let t = proj.forward(&temb.silu()?)?.unsqueeze(2)?.unsqueeze(3)?;
-            h = h.broadcast_add(&t)?;
-        }
-        let h = self.norm2.forward_silu(&h)?;
-        let h = self.conv2.forward(&h)?;
-        let out = match &self.conv_shortcut {
-            Some(c) => (c.forward(x)? + h)?,
-            None => (x + h)?,
+        // The time embedding and the shortcut are added by the convolutions themselves.
+        let h = match (&self.time_emb_proj, temb) {
+            (Some(proj), Some(temb)) => {
+                let t = proj.forward(&temb.silu()?)?;
+                self.conv1.forward_add(&h, Addend::PerChannel(&t))?
+            }
+            _ => self.conv1.forward(&h)?,
         };
+        let h = self.norm2.forward_silu(&h)?;
+        let shortcut = match &self.conv_shortcut {
+            Some(c) => c.forward(x)?,
+            None => x.clone(),
+        };
+        let out = self.conv2.forward_add(&h, Addend::Full(&shortcut))?;
         if self.output_scale_factor == 1.0 {
             Ok(out)
         } else {
@@ -130,9 +133,12 @@ impl Upsample2D {
     /// Upsamples to `size` (height, width), or to twice the input size when `None`.
     pub(crate) fn forward(&self, x: &Tensor, size: Option<(usize, usize)>) -> Result<Tensor> {
         let (_, _, h, w) = x.dims4()?;
-        let (th, tw) = size.unwrap_or((2 * h, 2 * w));
-        let x = x.upsample_nearest2d(th, tw)?;
-        self.conv.forward(&x)
+        match size {
+            Some((th, tw)) if (th, tw) != (2 * h, 2 * w) => {
+                self.conv.forward(&x.upsample_nearest2d(th, tw)?)
+            }
+            _ => self.conv.forward_upsampled(x),
+        }
     }
 }
 
@@ -441,11 +447,10 @@ impl Transformer2D {
             let c = t.dim(2)?;
             t.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?.contiguous()
         };
-        let out = match &self.proj_out {
-            Projection::Conv(conv) => conv.forward(&to_image(&s)?)?,
-            Projection::Linear(lin) => to_image(&lin.forward(&s)?)?,
-        };
-        out + x
+        match &self.proj_out {
+            Projection::Conv(conv) => conv.forward_add(&to_image(&s)?, Addend::Full(x)),
+            Projection::Linear(lin) => to_image(&lin.forward(&s)?)? + x,
+        }
     }
 }
 

@@ -1,22 +1,43 @@
-//! 2-D convolutions, with a faster CPU path for the 3×3 stride-1 case.
+//! 2-D convolutions, with a faster CPU path built on the `gemm` crate.
 //!
-//! The UNet and the VAE spend most of their time in 3×3 convolutions. candle's CPU
+//! The UNet and the VAE spend most of their time in convolutions. candle's CPU
 //! convolution re-orders the kernel on every call (tens of MB for SD 1.5's wide layers)
-//! and multiplies tiles of 512 output pixels at a time. Here the kernel is flattened once,
-//! at load, to `(c_out, c_in·9)` — a free reshape of the stored layout — and each call
-//! builds the nine shifted copies of the input (im2col) with tensor operations and runs
-//! one large matrix product per image, which the matrix-product kernels do near their
-//! peak. Other shapes (1×1, stride 2) and other devices use candle's own convolution.
+//! and multiplies tiles of 512 output pixels at a time. Here the kernel is used as it is
+//! stored, `(c_out, c_in, k, k)` read as the matrix `(c_out, c_in·k·k)`, and each call,
+//! for a strip of output rows at a time, writes the shifted copies of the input (im2col)
+//! into one reused buffer and runs one large matrix product straight into the output,
+//! which the matrix-product kernels do near their peak. A 1×1 convolution multiplies the
+//! input itself. The output starts as the bias plus, on request, a residual or a
+//! per-channel term, and the product accumulates onto it, so no pass over the
+//! activations is spent on additions; a nearest-neighbour 2× upsampling before the
+//! convolution is read through in the im2col step instead of being materialised.
+//! candle has no such fused CPU convolution, hence the hand-written op. Other devices
+//! and dtypes use candle's convolution and tensor operations.
 
-use candle_core::{Device, Module, Result, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Module, Result, Shape, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
+use gemm::Parallelism;
+use rayon::prelude::*;
 
 /// A convolution built from diffusers' `weight` (`(c_out, c_in, k, k)`) and `bias`.
 #[derive(Debug, Clone)]
 pub struct Conv2d {
     inner: candle_nn::Conv2d,
-    /// The kernel as `(c_out, c_in·k·k)`, for the im2col path (3×3, stride 1, pad 1).
-    flat: Option<Tensor>,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+    /// The bias on the host, for the CPU path (a few KB).
+    bias: Option<Vec<f32>>,
+}
+
+/// What the output starts from before the product is added to it (besides the bias).
+#[derive(Debug, Clone, Copy)]
+pub enum Addend<'a> {
+    /// A tensor of the output's shape, e.g. a residual.
+    Full(&'a Tensor),
+    /// One value per image and output channel, `(b, c_out)`, or per output channel for
+    /// every image, `(1, c_out)`; e.g. a time embedding.
+    PerChannel(&'a Tensor),
 }
 
 impl Conv2d {
@@ -34,85 +55,325 @@ impl Conv2d {
             ..Default::default()
         };
         let inner = candle_nn::conv2d(in_channels, out_channels, kernel, cfg, vb)?;
-        let flat = if kernel == 3 && stride == 1 && padding == 1 {
-            Some(
-                inner
-                    .weight()
-                    .reshape((out_channels, in_channels * 9))?
-                    .contiguous()?,
-            )
-        } else {
-            None
+        let bias = match inner.bias() {
+            Some(b) if b.device().is_cpu() => Some(b.to_dtype(DType::F32)?.to_vec1::<f32>()?),
+            _ => None,
         };
-        Ok(Self { inner, flat })
+        Ok(Self {
+            inner,
+            kernel,
+            stride,
+            padding,
+            bias,
+        })
     }
 
     /// candle's own convolution, whatever the shape (the reference for the fast path).
     pub fn forward_candle(&self, x: &Tensor) -> Result<Tensor> {
         self.inner.forward(x)
     }
+
+    /// `conv(x) + addend`, with the addition done by the product itself on the CPU.
+    pub fn forward_add(&self, x: &Tensor, addend: Addend) -> Result<Tensor> {
+        self.run(x, false, Some(addend))
+    }
+
+    /// `conv(upsample_nearest(x, 2×))`, reading the upsampled input through on the CPU.
+    pub fn forward_upsampled(&self, x: &Tensor) -> Result<Tensor> {
+        self.run(x, true, None)
+    }
+
+    fn fast(&self, x: &Tensor) -> bool {
+        x.device().is_cpu()
+            && x.dtype() == DType::F32
+            && self.inner.weight().dtype() == DType::F32
+            && (self.bias.is_some() || self.inner.bias().is_none())
+    }
+
+    fn run(&self, x: &Tensor, upsample: bool, addend: Option<Addend>) -> Result<Tensor> {
+        if !self.fast(x) {
+            let x = if upsample {
+                let (_, _, h, w) = x.dims4()?;
+                x.upsample_nearest2d(2 * h, 2 * w)?
+            } else {
+                x.clone()
+            };
+            let y = self.inner.forward(&x)?;
+            return match addend {
+                None => Ok(y),
+                Some(Addend::Full(a)) => y + a,
+                Some(Addend::PerChannel(a)) => y.broadcast_add(&a.unsqueeze(2)?.unsqueeze(3)?),
+            };
+        }
+        let op = Im2col {
+            kernel: self.kernel,
+            stride: self.stride,
+            padding: self.padding,
+            upsample,
+            bias: self.bias.as_deref(),
+        };
+        let x = x.contiguous()?;
+        let w = self.inner.weight();
+        match addend {
+            None => x.apply_op2_no_bwd(w, &op),
+            Some(Addend::Full(a)) => x.apply_op3_no_bwd(w, &a.contiguous()?, &op),
+            Some(Addend::PerChannel(a)) => x.apply_op3_no_bwd(w, &a.contiguous()?, &op),
+        }
+    }
 }
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        match &self.flat {
-            Some(flat) if matches!(x.device(), Device::Cpu) => {
-                let y = conv3x3_im2col(x, flat)?;
-                match self.inner.bias() {
-                    Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?),
-                    None => Ok(y),
-                }
-            }
-            _ => self.inner.forward(x),
-        }
+        self.run(x, false, None)
     }
 }
 
-/// The most im2col matrix elements built at once (32 MiB of f32): larger images are
-/// done in strips of rows, so that the VAE's 512×512×128 activations do not need a
-/// 1.2 GB column matrix.
-const MAX_COLS: usize = 1 << 23;
+/// The most im2col matrix elements built at once (8 MiB of f32): larger outputs are done
+/// in strips of rows, so the column buffer stays small and is reused.
+const MAX_COLS: usize = 1 << 21;
 
-/// 3×3, stride 1, padding 1: `flat` is `(c_out, c_in·9)`, `x` is `(b, c_in, h, w)`.
-fn conv3x3_im2col(x: &Tensor, flat: &Tensor) -> Result<Tensor> {
-    let (b, c, h, w) = x.dims4()?;
-    let c_out = flat.dim(0)?;
-    let padded = x.pad_with_zeros(2, 1, 1)?.pad_with_zeros(3, 1, 1)?;
-    let rows = (MAX_COLS / (c * 9 * w)).clamp(1, h);
-    let mut out = Vec::with_capacity(b);
-    for i in 0..b {
-        let img = padded.get(i)?;
-        let mut strips = Vec::with_capacity(h.div_ceil(rows));
-        for top in (0..h).step_by(rows) {
-            let n = rows.min(h - top);
-            // Row `c·9 + ky·3 + kx` of the column matrix is channel c shifted by (ky, kx),
-            // matching the order of the flattened kernel's columns.
-            let shifts = (0..3)
-                .flat_map(|ky| (0..3).map(move |kx| (ky, kx)))
-                .map(|(ky, kx)| img.narrow(1, top + ky, n)?.narrow(2, kx, w))
-                .collect::<Result<Vec<_>>>()?;
-            let cols = Tensor::stack(&shifts, 1)?.reshape((c * 9, n * w))?;
-            strips.push(flat.matmul(&cols)?.reshape((c_out, n, w))?);
-        }
-        out.push(if strips.len() == 1 {
-            strips.pop().expect("one strip")
-        } else {
-            Tensor::cat(&strips, 1)?
-        });
+/// One call's convolution; it borrows the bias so that a call copies nothing.
+struct Im2col<'a> {
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+    upsample: bool,
+    bias: Option<&'a [f32]>,
+}
+
+/// A contiguous f32 operand's slice.
+fn slice<'a>(name: &str, storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
+    let (start, end) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg(format!("conv: {name} not contiguous")))?;
+    Ok(&storage.as_slice::<f32>()?[start..end])
+}
+
+impl CustomOp2 for Im2col<'_> {
+    fn name(&self) -> &'static str {
+        "conv2d-im2col"
     }
-    Tensor::stack(&out, 0)
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.conv(
+            slice("input", xs, xl)?,
+            xl,
+            slice("weight", ws, wl)?,
+            wl,
+            None,
+        )
+    }
+}
+
+impl CustomOp3 for Im2col<'_> {
+    fn name(&self) -> &'static str {
+        "conv2d-im2col-add"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        a: &CpuStorage,
+        al: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let addend = slice("addend", a, al)?;
+        self.conv(
+            slice("input", xs, xl)?,
+            xl,
+            slice("weight", ws, wl)?,
+            wl,
+            Some(addend),
+        )
+    }
+}
+
+impl Im2col<'_> {
+    fn conv(
+        &self,
+        x: &[f32],
+        xl: &Layout,
+        w: &[f32],
+        wl: &Layout,
+        addend: Option<&[f32]>,
+    ) -> Result<(CpuStorage, Shape)> {
+        let Self {
+            kernel: k,
+            stride: s,
+            padding: p,
+            upsample,
+            bias,
+        } = *self;
+        let (b, c, h, wd) = xl.shape().dims4()?;
+        let (c_out, wc, kh, kw) = wl.shape().dims4()?;
+        if wc != c || kh != k || kw != k {
+            candle_core::bail!("conv: input has {c} channels, kernel is {:?}", wl.dims());
+        }
+        let up = usize::from(upsample);
+        let (hl, wl_) = (h << up, wd << up);
+        if hl + 2 * p < k || wl_ + 2 * p < k || s == 0 {
+            candle_core::bail!("conv: {k}×{k} kernel over a {hl}×{wl_} input");
+        }
+        let (ho, wo) = ((hl + 2 * p - k) / s + 1, (wl_ + 2 * p - k) / s + 1);
+        let plane = ho * wo;
+        let len = b * c_out * plane;
+        let depth = c * k * k;
+
+        let mut out = vec![0f32; len];
+        let bias_of = |co: usize| bias.map_or(0.0, |b| b[co]);
+        match addend {
+            None if bias.is_none() => {}
+            None => out
+                .par_chunks_mut(plane)
+                .enumerate()
+                .for_each(|(i, o)| o.fill(bias_of(i % c_out))),
+            // `(b, c_out)`, or `(1, c_out)` for every image.
+            Some(a) if a.len() == b * c_out || a.len() == c_out => out
+                .par_chunks_mut(plane)
+                .enumerate()
+                .for_each(|(i, o)| o.fill(a[i % a.len()] + bias_of(i % c_out))),
+            Some(a) if a.len() == len => out
+                .par_chunks_mut(plane)
+                .zip(a.par_chunks(plane))
+                .enumerate()
+                .for_each(|(i, (o, a))| {
+                    let bias = bias_of(i % c_out);
+                    for (o, a) in o.iter_mut().zip(a) {
+                        *o = a + bias;
+                    }
+                }),
+            Some(a) => candle_core::bail!(
+                "conv: an addend of {} values for an output of {b}×{c_out}×{ho}×{wo}",
+                a.len()
+            ),
+        }
+
+        let direct = k == 1 && s == 1 && p == 0 && !upsample;
+        let rows = if direct {
+            ho
+        } else {
+            (MAX_COLS / (depth * wo)).clamp(1, ho)
+        };
+        let mut cols = if direct {
+            Vec::new()
+        } else {
+            vec![0f32; depth * rows * wo]
+        };
+        let parallelism = match candle_core::utils::get_num_threads() {
+            1 => Parallelism::None,
+            n => Parallelism::Rayon(n),
+        };
+        for (img, dst) in x
+            .chunks_exact(c * h * wd)
+            .zip(out.chunks_exact_mut(c_out * plane))
+        {
+            for top in (0..ho).step_by(rows) {
+                let n = rows.min(ho - top);
+                let rhs = if direct {
+                    img
+                } else {
+                    let cols = &mut cols[..depth * n * wo];
+                    cols.par_chunks_mut(n * wo)
+                        .enumerate()
+                        .for_each(|(r, row)| self.fill(row, img, r, top, (h, wd), wo));
+                    &*cols
+                };
+                // dst[c_out × n·wo] (row stride `plane`) += w[c_out × depth] · rhs[depth × n·wo].
+                // SAFETY: `dst` holds `c_out` planes of `plane` elements; this strip
+                // writes rows `top..top + n` of each, `n·wo` elements from `top·wo`, all
+                // inside it. `w` holds `c_out·depth` elements (its shape was checked) and
+                // `rhs` `depth` rows of `n·wo` (the image itself when direct, whose
+                // `c = depth` planes are `plane = n·wo` long). The buffers do not overlap.
+                unsafe {
+                    gemm::gemm(
+                        c_out,
+                        n * wo,
+                        depth,
+                        dst.as_mut_ptr().add(top * wo),
+                        1,
+                        plane as isize,
+                        true,
+                        w.as_ptr(),
+                        1,
+                        depth as isize,
+                        rhs.as_ptr(),
+                        1,
+                        (n * wo) as isize,
+                        1.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        parallelism,
+                    );
+                }
+            }
+        }
+        Ok((CpuStorage::F32(out), Shape::from((b, c_out, ho, wo))))
+    }
+
+    /// Row `r = (channel·k + ky)·k + kx` of the column matrix for output rows
+    /// `top..top + row.len() / wo`: the input pixel each output pixel's kernel tap
+    /// `(ky, kx)` reads, or zero in the padding. It matches the order of the weight's
+    /// columns.
+    fn fill(
+        &self,
+        row: &mut [f32],
+        img: &[f32],
+        r: usize,
+        top: usize,
+        (h, w): (usize, usize),
+        wo: usize,
+    ) {
+        let (k, s, p) = (self.kernel, self.stride, self.padding);
+        let up = usize::from(self.upsample);
+        let (ch, ky, kx) = (r / (k * k), r / k % k, r % k);
+        let src = &img[ch * h * w..(ch + 1) * h * w];
+        // Output columns whose tap lands inside the input: ox·s + kx − p ∈ [0, w << up).
+        let lo = p.saturating_sub(kx).div_ceil(s).min(wo);
+        let hi = ((w << up) + p)
+            .saturating_sub(kx)
+            .div_ceil(s)
+            .min(wo)
+            .max(lo);
+        for (oy, dst) in row.chunks_exact_mut(wo).enumerate() {
+            let iy = ((top + oy) * s + ky).wrapping_sub(p);
+            if iy >= h << up {
+                dst.fill(0.0);
+                continue;
+            }
+            let line = &src[(iy >> up) * w..][..w];
+            dst[..lo].fill(0.0);
+            dst[hi..].fill(0.0);
+            if s == 1 && up == 0 {
+                dst[lo..hi].copy_from_slice(&line[lo + kx - p..hi + kx - p]);
+            } else {
+                for (ox, d) in dst[lo..hi].iter_mut().enumerate() {
+                    *d = line[((lo + ox) * s + kx - p) >> up];
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::DType;
+    use candle_core::Device;
     use candle_nn::VarMap;
 
     fn conv(cin: usize, cout: usize, k: usize, stride: usize, pad: usize) -> Conv2d {
         let map = VarMap::new();
         let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
-        let c = Conv2d::new(vb, cin, cout, k, stride, pad).unwrap();
+        Conv2d::new(vb.clone(), cin, cout, k, stride, pad).unwrap();
         // VarMap initialises the bias to zero: give it values so that it is checked.
         for (name, var) in map.data().lock().unwrap().iter() {
             if name.ends_with("bias") {
@@ -120,7 +381,7 @@ mod tests {
                 var.set(&b).unwrap();
             }
         }
-        c
+        Conv2d::new(vb, cin, cout, k, stride, pad).unwrap()
     }
 
     fn max_abs(t: &Tensor) -> f32 {
@@ -128,42 +389,120 @@ mod tests {
         t.max(0).unwrap().to_scalar().unwrap()
     }
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        max_abs(&(a - b).unwrap())
+    fn assert_close(ours: &Tensor, theirs: &Tensor, what: &str) {
+        assert_eq!(ours.dims(), theirs.dims(), "{what}");
+        let diff = max_abs(&(ours - theirs).unwrap());
+        assert!(diff <= 1e-5 * max_abs(theirs), "{what}: {diff}");
     }
+
+    /// (batch, c_in, c_out, h, w, kernel, stride, padding)
+    type Shape8 = (usize, usize, usize, usize, usize, usize, usize, usize);
+    const SHAPES: [Shape8; 9] = [
+        (1, 3, 8, 5, 7, 3, 1, 1),
+        (2, 16, 4, 8, 8, 3, 1, 1),
+        (2, 32, 32, 9, 4, 3, 1, 1),
+        // Two strips of rows: MAX_COLS / (64·9·512) = 7 rows.
+        (1, 64, 2, 10, 512, 3, 1, 1),
+        (2, 8, 6, 7, 5, 1, 1, 0),
+        (1, 4, 4, 8, 8, 3, 2, 1),
+        (2, 5, 3, 9, 7, 3, 2, 0),
+        (1, 4, 3, 6, 6, 3, 1, 0),
+        (1, 2, 3, 5, 6, 5, 1, 2),
+    ];
 
     #[test]
     fn the_im2col_path_equals_candles_convolution() {
-        // The last shape is done in two strips of rows (MAX_COLS / (64·9·512) = 28 rows).
-        for (b, cin, cout, h, w) in [
-            (1, 3, 8, 5, 7),
-            (2, 16, 4, 8, 8),
-            (2, 32, 32, 9, 4),
-            (1, 64, 2, 40, 512),
-        ] {
-            let c = conv(cin, cout, 3, 1, 1);
-            assert!(c.flat.is_some());
+        for (b, cin, cout, h, w, k, s, p) in SHAPES {
+            let c = conv(cin, cout, k, s, p);
             let x = Tensor::randn(0f32, 1f32, (b, cin, h, w), &Device::Cpu).unwrap();
-            let ours = c.forward(&x).unwrap();
-            let theirs = c.forward_candle(&x).unwrap();
-            assert_eq!(ours.dims(), theirs.dims());
-            assert!(
-                max_diff(&ours, &theirs) <= 1e-5 * max_abs(&theirs),
-                "{b} {cin} {cout} {h} {w}"
+            let what = format!("{b} {cin} {cout} {h} {w} k{k} s{s} p{p}");
+            assert_close(
+                &c.forward(&x).unwrap(),
+                &c.forward_candle(&x).unwrap(),
+                &what,
             );
         }
     }
 
     #[test]
-    fn other_shapes_use_candles_convolution() {
-        for (k, stride, pad) in [(1, 1, 0), (3, 2, 1), (3, 2, 0)] {
-            let c = conv(4, 4, k, stride, pad);
-            assert!(c.flat.is_none());
-            let x = Tensor::randn(0f32, 1f32, (1, 4, 8, 8), &Device::Cpu).unwrap();
-            assert_eq!(
-                max_diff(&c.forward(&x).unwrap(), &c.forward_candle(&x).unwrap()),
-                0.0
+    fn upsampling_is_read_through() {
+        for (b, cin, cout, h, w, k, s, p) in SHAPES {
+            let c = conv(cin, cout, k, s, p);
+            let x = Tensor::randn(0f32, 1f32, (b, cin, h, w), &Device::Cpu).unwrap();
+            let up = x.upsample_nearest2d(2 * h, 2 * w).unwrap();
+            let what = format!("{b} {cin} {cout} {h} {w} k{k} s{s} p{p} upsampled");
+            assert_close(
+                &c.forward_upsampled(&x).unwrap(),
+                &c.forward_candle(&up).unwrap(),
+                &what,
             );
         }
+    }
+
+    #[test]
+    fn addends_are_added() {
+        for (b, cin, cout, h, w, k, s, p) in SHAPES {
+            let c = conv(cin, cout, k, s, p);
+            let x = Tensor::randn(0f32, 1f32, (b, cin, h, w), &Device::Cpu).unwrap();
+            let y = c.forward_candle(&x).unwrap();
+            let full = Tensor::randn(0f32, 1f32, y.shape(), &Device::Cpu).unwrap();
+            let what = format!("{b} {cin} {cout} {h} {w} k{k} s{s} p{p}");
+            assert_close(
+                &c.forward_add(&x, Addend::Full(&full)).unwrap(),
+                &(&y + &full).unwrap(),
+                &format!("{what} full"),
+            );
+            for images in [b, 1] {
+                let per = Tensor::randn(0f32, 1f32, (images, cout), &Device::Cpu).unwrap();
+                let expected = y
+                    .broadcast_add(&per.unsqueeze(2).unwrap().unsqueeze(3).unwrap())
+                    .unwrap();
+                assert_close(
+                    &c.forward_add(&x, Addend::PerChannel(&per)).unwrap(),
+                    &expected,
+                    &format!("{what} per channel, {images} image(s)"),
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn strided_inputs_and_missing_bias_work() {
+        let map = VarMap::new();
+        let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
+        let cfg = Conv2dConfig {
+            padding: 1,
+            ..Default::default()
+        };
+        let inner = candle_nn::conv2d_no_bias(6, 5, 3, cfg, vb).unwrap();
+        let c = Conv2d {
+            inner,
+            kernel: 3,
+            stride: 1,
+            padding: 1,
+            bias: None,
+        };
+        // A transposed view: the op must see the values, not the storage order.
+        let x = Tensor::randn(0f32, 1f32, (1, 6, 9, 7), &Device::Cpu)
+            .unwrap()
+            .transpose(2, 3)
+            .unwrap();
+        assert_close(
+            &c.forward(&x).unwrap(),
+            &c.forward_candle(&x).unwrap(),
+            "no bias",
+        );
+    }
+
+    #[test]
+    fn a_wrong_addend_is_refused() {
+        let c = conv(2, 3, 3, 1, 1);
+        let x = Tensor::zeros((1, 2, 4, 4), DType::F32, &Device::Cpu).unwrap();
+        let bad = Tensor::zeros((1, 3, 4), DType::F32, &Device::Cpu).unwrap();
+        let err = c
+            .forward_add(&x, Addend::Full(&bad))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("addend of 12 values"), "{err}");
     }
 }
