@@ -266,6 +266,23 @@ pub struct SdBench {
     pub steps: usize,
     pub strength: f64,
     pub repeats: usize,
+    /// The parts to measure; empty means all.
+    pub only: Vec<SdPart>,
+}
+
+/// A part of `bench sd`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SdPart {
+    /// One UNet pass at batch 1 and at batch 2.
+    Unet,
+    /// VAE encode and decode.
+    Vae,
+    /// A whole img2img image.
+    Image,
+    /// The optimised convolution and attention against the paths they replace.
+    Kernels,
+    /// candle's f32 matrix-product peak.
+    Matmul,
 }
 
 /// Times the local engine's model on the CPU: one UNet pass at batch 1 and 2, the VAE
@@ -308,62 +325,77 @@ pub fn sd(b: SdBench) -> anyhow::Result<()> {
     let hidden = sd.encode_prompt("").map_err(err)?.dim(2)?;
     let randn = |shape: &[usize]| Tensor::randn(0f32, 1f32, shape, &dev);
 
-    let unet = |batch: usize| -> anyhow::Result<f64> {
-        let x = randn(&[batch, 4, latent, latent])?;
-        let ctx = randn(&[batch, 77, hidden])?;
-        time(&format!("unet batch {batch}"), b.repeats, &mut || {
-            std::hint::black_box(sd.unet.forward(&x, 500.0, &ctx).map_err(err)?);
-            Ok(())
-        })
-    };
-    let unet_b1 = unet(1)?;
-    let unet_b2 = unet(2)?;
+    let want = |part: SdPart| b.only.is_empty() || b.only.contains(&part);
+    let mut figures = serde_json::Map::new();
+    figures.insert("impl".into(), json!("remixd"));
+    figures.insert("threads".into(), json!(threads));
+    let mut put = |key: &str, value: Value| figures.insert(key.into(), value);
+
+    if want(SdPart::Unet) {
+        for batch in [1, 2] {
+            let x = randn(&[batch, 4, latent, latent])?;
+            let ctx = randn(&[batch, 77, hidden])?;
+            let s = time(&format!("unet batch {batch}"), b.repeats, &mut || {
+                std::hint::black_box(sd.unet.forward(&x, 500.0, &ctx).map_err(err)?);
+                Ok(())
+            })?;
+            put(&format!("unet_b{batch}_s"), json!(s));
+        }
+    }
     let image = randn(&[1, 3, side, side])?.clamp(-1f32, 1f32)?;
-    let vae_encode = time("vae encode", b.repeats, &mut || {
-        std::hint::black_box(sd.vae.encode(&image).map_err(err)?);
-        Ok(())
-    })?;
-    let z = randn(&[1, 4, latent, latent])?;
-    let vae_decode = time("vae decode", b.repeats, &mut || {
-        std::hint::black_box(sd.vae.decode(&z).map_err(err)?);
-        Ok(())
-    })?;
-    let params = Img2ImgParams {
-        prompt: "a portrait of a knight".into(),
-        negative_prompt: String::new(),
-        steps: b.steps,
-        strength: b.strength,
-        guidance_scale: 7.5,
-        scheduler: SchedulerKind::for_config(&sd.scheduler).map_err(err)?,
-    };
-    let mut passes = 0;
-    let image_s = time("image", b.repeats.div_ceil(2), &mut || {
-        let out = sd
-            .img2img(&image, &params, &mut SeededNoise::new(1), &mut |_, _| true)
-            .map_err(err)?;
-        passes = out.steps_run;
-        Ok(())
-    })?;
+    if want(SdPart::Vae) {
+        let s = time("vae encode", b.repeats, &mut || {
+            std::hint::black_box(sd.vae.encode(&image).map_err(err)?);
+            Ok(())
+        })?;
+        put("vae_encode_s", json!(s));
+        let z = randn(&[1, 4, latent, latent])?;
+        let s = time("vae decode", b.repeats, &mut || {
+            std::hint::black_box(sd.vae.decode(&z).map_err(err)?);
+            Ok(())
+        })?;
+        put("vae_decode_s", json!(s));
+    }
+    if want(SdPart::Image) {
+        let params = Img2ImgParams {
+            prompt: "a portrait of a knight".into(),
+            negative_prompt: String::new(),
+            steps: b.steps,
+            strength: b.strength,
+            guidance_scale: 7.5,
+            scheduler: SchedulerKind::for_config(&sd.scheduler).map_err(err)?,
+        };
+        let mut passes = 0;
+        let s = time("image", b.repeats.div_ceil(2), &mut || {
+            let out = sd
+                .img2img(&image, &params, &mut SeededNoise::new(1), &mut |_, _| true)
+                .map_err(err)?;
+            passes = out.steps_run;
+            Ok(())
+        })?;
+        put("image_s", json!(s));
+        put("image_unet_passes", json!(passes));
+    }
 
     // The two optimised kernels against the paths they replace, at SD 1.5's largest
     // shapes (512², guidance batch 2), in this same run.
-    let conv = {
+    if want(SdPart::Kernels) {
         use candle_core::Module;
         let vm = candle_nn::VarMap::new();
         let vb = candle_nn::VarBuilder::from_varmap(&vm, DType::F32, &dev);
         let conv = remixd_diffusion::conv::Conv2d::new(vb, 320, 320, 3, 1, 1)?;
         let x = randn(&[2, 320, latent, latent])?;
-        let old = time("conv 3x3 320ch, candle", b.repeats, &mut || {
+        let s = time("conv 3x3 320ch, candle", b.repeats, &mut || {
             std::hint::black_box(conv.forward_candle(&x)?);
             Ok(())
         })?;
-        let new = time("conv 3x3 320ch, im2col", b.repeats, &mut || {
+        put("conv3x3_320_candle_s", json!(s));
+        let s = time("conv 3x3 320ch, im2col", b.repeats, &mut || {
             std::hint::black_box(conv.forward(&x)?);
             Ok(())
         })?;
-        (old, new)
-    };
-    let attn = {
+        put("conv3x3_320_im2col_s", json!(s));
+
         use remixd_diffusion::attention::{materialized_attention, tiled_attention};
         let tokens = latent * latent;
         let (q, k, v) = (
@@ -371,38 +403,28 @@ pub fn sd(b: SdBench) -> anyhow::Result<()> {
             randn(&[2, tokens, 320])?,
             randn(&[2, tokens, 320])?,
         );
-        let old = time("self-attention 8x40, materialised", b.repeats, &mut || {
+        let s = time("self-attention 8x40, materialised", b.repeats, &mut || {
             std::hint::black_box(materialized_attention(&q, &k, &v, 8)?);
             Ok(())
         })?;
-        let new = time("self-attention 8x40, tiled", b.repeats, &mut || {
+        put("attention_4096_materialised_s", json!(s));
+        let s = time("self-attention 8x40, tiled", b.repeats, &mut || {
             std::hint::black_box(tiled_attention(&q, &k, &v, 8)?);
             Ok(())
         })?;
-        (old, new)
-    };
+        put("attention_4096_tiled_s", json!(s));
+    }
 
-    let n = 4096;
-    let (a, c) = (randn(&[n, n])?, randn(&[n, n])?);
-    let matmul = time("matmul 4096²", 3, &mut || {
-        std::hint::black_box(a.matmul(&c)?.to_dtype(DType::F32)?);
-        Ok(())
-    })?;
-    let figures = json!({
-        "impl": "remixd",
-        "threads": threads,
-        "unet_b1_s": unet_b1,
-        "unet_b2_s": unet_b2,
-        "vae_encode_s": vae_encode,
-        "vae_decode_s": vae_decode,
-        "image_s": image_s,
-        "image_unet_passes": passes,
-        "matmul_gflops": 2.0 * (n as f64).powi(3) / matmul / 1e9,
-        "conv3x3_320_candle_s": conv.0,
-        "conv3x3_320_im2col_s": conv.1,
-        "attention_4096_materialised_s": attn.0,
-        "attention_4096_tiled_s": attn.1,
-    });
+    if want(SdPart::Matmul) {
+        let n = 4096;
+        let (a, c) = (randn(&[n, n])?, randn(&[n, n])?);
+        let s = time("matmul 4096²", 3, &mut || {
+            std::hint::black_box(a.matmul(&c)?.to_dtype(DType::F32)?);
+            Ok(())
+        })?;
+        put("matmul_gflops", json!(2.0 * (n as f64).powi(3) / s / 1e9));
+    }
+    let figures = Value::Object(figures);
     println!("{figures}");
     Ok(())
 }

@@ -171,6 +171,9 @@ pub enum BenchCmd {
         strength: f64,
         #[arg(long, default_value_t = 3)]
         repeats: usize,
+        /// Measure only these parts (comma-separated); all of them when not given.
+        #[arg(long, value_enum, value_delimiter = ',')]
+        only: Vec<crate::bench::SdPart>,
     },
     /// Callback latency (completion to receipt) and deliveries per second, on loopback.
     Callbacks {
@@ -369,6 +372,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             steps,
             strength,
             repeats,
+            only,
         }) => {
             if let Some(n) = threads {
                 // Read by candle's thread pools when they first start, which is later.
@@ -379,6 +383,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 steps,
                 strength,
                 repeats,
+                only,
             };
             tokio::task::spawn_blocking(move || crate::bench::sd(b)).await?
         }
