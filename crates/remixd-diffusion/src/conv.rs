@@ -410,12 +410,18 @@ mod tests {
         (1, 2, 3, 5, 6, 5, 1, 2),
     ];
 
-    #[test]
-    fn the_im2col_path_equals_candles_convolution() {
-        for (b, cin, cout, h, w, k, s, p) in SHAPES {
-            let c = conv(cin, cout, k, s, p);
+    /// A convolution with random bias, an input and a label for each of [`SHAPES`].
+    fn cases() -> impl Iterator<Item = (Conv2d, Tensor, String)> {
+        SHAPES.into_iter().map(|(b, cin, cout, h, w, k, s, p)| {
             let x = Tensor::randn(0f32, 1f32, (b, cin, h, w), &Device::Cpu).unwrap();
             let what = format!("{b} {cin} {cout} {h} {w} k{k} s{s} p{p}");
+            (conv(cin, cout, k, s, p), x, what)
+        })
+    }
+
+    #[test]
+    fn the_im2col_path_equals_candles_convolution() {
+        for (c, x, what) in cases() {
             assert_close(
                 &c.forward(&x).unwrap(),
                 &c.forward_candle(&x).unwrap(),
@@ -426,27 +432,23 @@ mod tests {
 
     #[test]
     fn upsampling_is_read_through() {
-        for (b, cin, cout, h, w, k, s, p) in SHAPES {
-            let c = conv(cin, cout, k, s, p);
-            let x = Tensor::randn(0f32, 1f32, (b, cin, h, w), &Device::Cpu).unwrap();
+        for (c, x, what) in cases() {
+            let (_, _, h, w) = x.dims4().unwrap();
             let up = x.upsample_nearest2d(2 * h, 2 * w).unwrap();
-            let what = format!("{b} {cin} {cout} {h} {w} k{k} s{s} p{p} upsampled");
             assert_close(
                 &c.forward_upsampled(&x).unwrap(),
                 &c.forward_candle(&up).unwrap(),
-                &what,
+                &format!("{what} upsampled"),
             );
         }
     }
 
     #[test]
     fn addends_are_added() {
-        for (b, cin, cout, h, w, k, s, p) in SHAPES {
-            let c = conv(cin, cout, k, s, p);
-            let x = Tensor::randn(0f32, 1f32, (b, cin, h, w), &Device::Cpu).unwrap();
+        for (c, x, what) in cases() {
+            let (b, cout) = (x.dim(0).unwrap(), c.inner.weight().dim(0).unwrap());
             let y = c.forward_candle(&x).unwrap();
             let full = Tensor::randn(0f32, 1f32, y.shape(), &Device::Cpu).unwrap();
-            let what = format!("{b} {cin} {cout} {h} {w} k{k} s{s} p{p}");
             assert_close(
                 &c.forward_add(&x, Addend::Full(&full)).unwrap(),
                 &(&y + &full).unwrap(),
