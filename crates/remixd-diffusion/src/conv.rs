@@ -116,8 +116,10 @@ impl Conv2d {
         let w = self.inner.weight();
         match addend {
             None => x.apply_op2_no_bwd(w, &op),
-            Some(Addend::Full(a)) => x.apply_op3_no_bwd(w, &a.contiguous()?, &op),
-            Some(Addend::PerChannel(a)) => x.apply_op3_no_bwd(w, &a.contiguous()?, &op),
+            // The op tells the two apart by the addend's length.
+            Some(Addend::Full(a) | Addend::PerChannel(a)) => {
+                x.apply_op3_no_bwd(w, &a.contiguous()?, &op)
+            }
         }
     }
 }
@@ -161,13 +163,7 @@ impl CustomOp2 for Im2col<'_> {
         ws: &CpuStorage,
         wl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        self.conv(
-            slice("input", xs, xl)?,
-            xl,
-            slice("weight", ws, wl)?,
-            wl,
-            None,
-        )
+        self.conv(xs, xl, ws, wl, None)
     }
 }
 
@@ -185,26 +181,20 @@ impl CustomOp3 for Im2col<'_> {
         a: &CpuStorage,
         al: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let addend = slice("addend", a, al)?;
-        self.conv(
-            slice("input", xs, xl)?,
-            xl,
-            slice("weight", ws, wl)?,
-            wl,
-            Some(addend),
-        )
+        self.conv(xs, xl, ws, wl, Some(slice("addend", a, al)?))
     }
 }
 
 impl Im2col<'_> {
     fn conv(
         &self,
-        x: &[f32],
+        xs: &CpuStorage,
         xl: &Layout,
-        w: &[f32],
+        ws: &CpuStorage,
         wl: &Layout,
         addend: Option<&[f32]>,
     ) -> Result<(CpuStorage, Shape)> {
+        let (x, w) = (slice("input", xs, xl)?, slice("weight", ws, wl)?);
         let Self {
             kernel: k,
             stride: s,
