@@ -35,6 +35,8 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
+use crate::simd::{exp, Kernel, Simd};
+
 /// Query rows per task and score tile: a multiple of the 64 rows `gemm`'s AVX-512 f32
 /// kernel computes at once.
 const BLOCK_Q: usize = 128;
@@ -336,7 +338,11 @@ impl Tile {
                     Parallelism::None,
                 );
             }
-            simd.online_softmax(scores, acc, &mut state);
+            simd.run(SoftmaxStep {
+                scores,
+                acc,
+                state: &mut state,
+            });
             // Oᵀ += V_blkᵀ · Sᵀ.
             // SAFETY: `acc` holds `d × rows` elements written with row stride `rows`;
             // `scores` holds the `keys × rows` tile just written (row stride `rows`); the
@@ -385,76 +391,19 @@ struct Softmax<'a> {
     step: &'a mut [f32],
 }
 
-/// The compiled variant of the softmax step this CPU runs.
-#[derive(Debug, Clone, Copy)]
-enum Simd {
-    Portable,
-    #[cfg(target_arch = "x86_64")]
-    Avx2,
-    #[cfg(target_arch = "x86_64")]
-    Avx512,
+/// [`online_softmax`] as a kernel, compiled per instruction set.
+struct SoftmaxStep<'s, 'a> {
+    scores: &'s mut [f32],
+    acc: &'s mut [f32],
+    state: &'s mut Softmax<'a>,
 }
 
-impl Simd {
-    fn detect() -> Self {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                return Self::Avx512;
-            }
-            if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
-                return Self::Avx2;
-            }
-        }
-        Self::Portable
-    }
+impl Kernel for SoftmaxStep<'_, '_> {
+    type Output = ();
 
-    /// See [`online_softmax`].
-    fn online_softmax(self, scores: &mut [f32], acc: &mut [f32], state: &mut Softmax) {
-        match self {
-            Self::Portable => online_softmax::<false>(scores, acc, state),
-            // SAFETY: these variants are made only where the CPU was found to have the
-            // features (`detect`, and the tests' `simd_variants`).
-            #[cfg(target_arch = "x86_64")]
-            Self::Avx2 => unsafe { x86::online_softmax_avx2(scores, acc, state) },
-            #[cfg(target_arch = "x86_64")]
-            Self::Avx512 => unsafe { x86::online_softmax_avx512(scores, acc, state) },
-        }
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-mod x86 {
-    use super::Softmax;
-
-    /// [`super::online_softmax`] compiled for AVX2 and FMA.
-    ///
-    /// # Safety
-    ///
-    /// The CPU must support AVX2 and FMA.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn online_softmax_avx2(
-        scores: &mut [f32],
-        acc: &mut [f32],
-        state: &mut Softmax,
-    ) {
-        super::online_softmax::<true>(scores, acc, state)
-    }
-
-    /// [`super::online_softmax`] compiled for AVX-512.
-    ///
-    /// # Safety
-    ///
-    /// The CPU must support AVX-512F.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn online_softmax_avx512(
-        scores: &mut [f32],
-        acc: &mut [f32],
-        state: &mut Softmax,
-    ) {
-        super::online_softmax::<true>(scores, acc, state)
+    #[inline(always)]
+    fn run<const FMA: bool>(self) {
+        online_softmax::<FMA>(self.scores, self.acc, self.state)
     }
 }
 
@@ -497,51 +446,6 @@ fn online_softmax<const FMA: bool>(scores: &mut [f32], acc: &mut [f32], state: &
     }
 }
 
-/// `a·b + c`, fused where the instruction is known to exist (elsewhere `mul_add` would
-/// call a slow library routine).
-#[inline(always)]
-fn mul_add<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
-    if FMA {
-        a.mul_add(b, c)
-    } else {
-        a * b + c
-    }
-}
-
-/// `exp(x)` to about 2 ulp for `x ≤ 88`, 0 below `-87.3` (where f32 results would be
-/// subnormal); branch-free so that loops over it vectorise. Cody–Waite reduction
-/// `x = n·ln 2 + r`, `|r| ≤ ln 2 / 2`, and the Cephes `expf` polynomial for `e^r`.
-#[inline(always)]
-fn exp<const FMA: bool>(x: f32) -> f32 {
-    const LO: f32 = -87.3;
-    const HI: f32 = 88.0;
-    // 1.5·2²³: adding it rounds to an integer, held in the low mantissa bits.
-    const ROUND: f32 = 12_582_912.0;
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    let xc = if x < LO { LO } else { x };
-    let xc = if xc > HI { HI } else { xc };
-    let t = mul_add::<FMA>(xc, std::f32::consts::LOG2_E, ROUND);
-    let n = t - ROUND;
-    let r = mul_add::<FMA>(-n, LN2_HI, xc);
-    let r = mul_add::<FMA>(-n, LN2_LO, r);
-    let p = 1.987_569_2e-4;
-    let p = mul_add::<FMA>(p, r, 1.398_199_9e-3);
-    let p = mul_add::<FMA>(p, r, 8.333_452e-3);
-    let p = mul_add::<FMA>(p, r, 4.166_579_6e-2);
-    let p = mul_add::<FMA>(p, r, 1.666_666_5e-1);
-    let p = mul_add::<FMA>(p, r, 0.5);
-    let p = mul_add::<FMA>(p, r * r, r) + 1.0;
-    // 2ⁿ from the integer in `t`'s mantissa; `n` lies in [-126, 127].
-    let n = (t.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
-    let pow2 = f32::from_bits(((n + 127) << 23) as u32);
-    if x < LO {
-        0.0
-    } else {
-        p * pow2
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -556,22 +460,6 @@ mod tests {
             .unwrap()
     }
 
-    /// Every variant of the softmax step this CPU can run.
-    fn simd_variants() -> Vec<Simd> {
-        let mut all = vec![Simd::Portable];
-        #[cfg(target_arch = "x86_64")]
-        {
-            use std::arch::is_x86_feature_detected;
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                all.push(Simd::Avx2);
-            }
-            if is_x86_feature_detected!("avx512f") {
-                all.push(Simd::Avx512);
-            }
-        }
-        all
-    }
-
     /// The tiled kernel with the given tiles, in every variant, against the
     /// materialising path.
     fn check(shape: (usize, usize, usize, usize, usize), blocks: Blocks) {
@@ -582,7 +470,7 @@ mod tests {
         let v = Tensor::randn(0f32, 1., (b, m, heads * d), &dev).unwrap();
         let expected = crate::blocks::attention_chunked(&q, &k, &v, heads, usize::MAX).unwrap();
         let scale = max_abs(&v);
-        for simd in simd_variants() {
+        for simd in Simd::supported() {
             let op = TiledAttention {
                 heads,
                 blocks,
@@ -726,26 +614,6 @@ mod tests {
         assert!(tiled_attention(&q, &q, &q, 3).is_err());
         let h = q.to_dtype(candle_core::DType::F16).unwrap();
         assert!(tiled_attention(&h, &h, &h, 2).is_err());
-    }
-
-    #[test]
-    fn exp_is_accurate() {
-        fn check<const FMA: bool>() {
-            let mut worst = 0f64;
-            let mut x = -87.0f32;
-            while x < 88.0 {
-                let want = (x as f64).exp();
-                let got = exp::<FMA>(x) as f64;
-                worst = worst.max(((got - want) / want).abs());
-                x += 0.001_7;
-            }
-            assert!(worst < 3e-7, "fma {FMA}: relative error {worst}");
-            assert_eq!(exp::<FMA>(-100.0), 0.0);
-            assert_eq!(exp::<FMA>(f32::NEG_INFINITY), 0.0);
-            assert_eq!(exp::<FMA>(0.0), 1.0);
-        }
-        check::<false>();
-        check::<true>();
     }
 
     #[test]

@@ -8,6 +8,7 @@
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{LayerNorm, Linear, VarBuilder};
 
+use crate::activation::geglu;
 use crate::conv::{Addend, Conv2d};
 pub(crate) use crate::norm::GroupNorm;
 
@@ -278,7 +279,6 @@ impl Attention {
 struct FeedForward {
     proj: Linear,
     out: Linear,
-    inner: usize,
 }
 
 impl FeedForward {
@@ -287,15 +287,11 @@ impl FeedForward {
         Ok(Self {
             proj: candle_nn::linear(dim, 2 * inner, vb.pp("net.0.proj"))?,
             out: candle_nn::linear(inner, dim, vb.pp("net.2"))?,
-            inner,
         })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.proj.forward(x)?;
-        let value = h.narrow(D::Minus1, 0, self.inner)?;
-        let gate = h.narrow(D::Minus1, self.inner, self.inner)?.gelu_erf()?;
-        self.out.forward(&(value * gate)?)
+        self.out.forward(&geglu(&self.proj.forward(x)?)?)
     }
 }
 

@@ -7,6 +7,7 @@
 //! Every module but `engine` knows nothing of tasks, HTTP or storage; `engine` adapts the
 //! pipeline to remixd's `Engine` trait (the `local` engine).
 
+mod activation;
 pub mod attention;
 mod blocks;
 pub mod clip;
@@ -18,6 +19,7 @@ pub mod noise;
 mod norm;
 pub mod pipeline;
 pub mod scheduler;
+mod simd;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;

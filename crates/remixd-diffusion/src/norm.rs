@@ -11,6 +11,8 @@ use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Result, Shape, T
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
+use crate::simd::{mul_add, silu, Kernel, Simd};
+
 /// diffusers' `GroupNorm` (affine), optionally followed by SiLU.
 #[derive(Debug, Clone)]
 pub(crate) struct GroupNorm {
@@ -79,6 +81,39 @@ impl Module for GroupNorm {
     }
 }
 
+/// One channel's `silu?(x · scale + shift)`, compiled per instruction set.
+struct Affine<'a> {
+    src: &'a [f32],
+    dst: &'a mut [f32],
+    scale: f32,
+    shift: f32,
+    silu: bool,
+}
+
+impl Kernel for Affine<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn run<const FMA: bool>(self) {
+        let Self {
+            src,
+            dst,
+            scale,
+            shift,
+            silu: activate,
+        } = self;
+        if activate {
+            for (o, &v) in dst.iter_mut().zip(src) {
+                *o = silu::<FMA>(mul_add::<FMA>(v, scale, shift));
+            }
+        } else {
+            for (o, &v) in dst.iter_mut().zip(src) {
+                *o = mul_add::<FMA>(v, scale, shift);
+            }
+        }
+    }
+}
+
 impl CustomOp1 for Fused<'_> {
     fn name(&self) -> &'static str {
         "group-norm-silu"
@@ -101,6 +136,7 @@ impl CustomOp1 for Fused<'_> {
         let spatial: usize = dims[2..].iter().product();
         let per_group = c / self.groups * spatial;
         let mut out = vec![0f32; x.len()];
+        let simd = Simd::detect();
         out.par_chunks_mut(per_group)
             .zip(x.par_chunks(per_group))
             .enumerate()
@@ -114,20 +150,18 @@ impl CustomOp1 for Fused<'_> {
                 let var = (sq / n - mean * mean).max(0.0);
                 let inv = 1.0 / (var + self.eps).sqrt();
                 let first = (i % self.groups) * (c / self.groups);
-                for (k, (d, s)) in dst.chunks_mut(spatial).zip(src.chunks(spatial)).enumerate() {
+                for (k, (dst, src)) in dst.chunks_mut(spatial).zip(src.chunks(spatial)).enumerate()
+                {
                     let ch = first + k;
                     let scale = (self.gamma[ch] as f64 * inv) as f32;
                     let shift = (self.beta[ch] as f64 - mean * self.gamma[ch] as f64 * inv) as f32;
-                    if self.silu {
-                        for (o, &v) in d.iter_mut().zip(s) {
-                            let y = v * scale + shift;
-                            *o = y / (1.0 + (-y).exp());
-                        }
-                    } else {
-                        for (o, &v) in d.iter_mut().zip(s) {
-                            *o = v * scale + shift;
-                        }
-                    }
+                    simd.run(Affine {
+                        src,
+                        dst,
+                        scale,
+                        shift,
+                        silu: self.silu,
+                    });
                 }
             });
         debug_assert_eq!(out.len(), b * c * spatial);
