@@ -506,6 +506,7 @@ def cmd_table(args) -> None:
     print("diffusers/remixd > 1: remixd is faster")
     kernels = [
         ("3x3 conv, 320 ch, 64x64, batch 2", "conv3x3_320_candle_s", "conv3x3_320_im2col_s", "candle's conv", "im2col"),
+        ("3x3 conv, 320 ch, 64x64, batch 2", "conv3x3_320_im2col_s", "conv3x3_320_winograd_s", "im2col", "winograd"),
         ("self-attention, 4096 tokens, 8x40, batch 2", "attention_4096_materialised_s", "attention_4096_tiled_s", "materialised", "tiled"),
     ]
     if any(number(r, old) for _, old, _, _, _ in kernels):

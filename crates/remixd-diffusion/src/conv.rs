@@ -11,6 +11,9 @@
 //! per-channel term, and the product accumulates onto it, so no pass over the
 //! activations is spent on additions; a nearest-neighbour 2× upsampling before the
 //! convolution is read through in the im2col step instead of being materialised.
+//! 3×3 convolutions of stride 1 and padding 1 over enough output pixels (the UNet's and
+//! the VAE's high-resolution layers) use Winograd's F(2×2, 3×3) instead
+//! ([`crate::winograd`]), with the same output start and upsampling read-through.
 //! candle has no such fused CPU convolution, hence the hand-written op. Other devices
 //! and dtypes use candle's convolution and tensor operations.
 
@@ -18,6 +21,8 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Module, Resul
 use candle_nn::{Conv2dConfig, VarBuilder};
 use gemm::Parallelism;
 use rayon::prelude::*;
+
+use crate::winograd;
 
 /// A convolution built from diffusers' `weight` (`(c_out, c_in, k, k)`) and `bias`.
 #[derive(Debug, Clone)]
@@ -28,6 +33,11 @@ pub struct Conv2d {
     padding: usize,
     /// The bias on the host, for the CPU path (a few KB).
     bias: Option<Vec<f32>>,
+    /// 3×3 convolutions (stride 1, padding 1) of at least this many 2×2 output tiles per
+    /// call use Winograd's F(2×2, 3×3) ([`crate::winograd`]).
+    winograd_min_tiles: usize,
+    /// The most values of each scratch buffer (im2col columns, Winograd tiles).
+    max_cols: usize,
 }
 
 /// What the output starts from before the product is added to it (besides the bias).
@@ -65,7 +75,18 @@ impl Conv2d {
             stride,
             padding,
             bias,
+            winograd_min_tiles: WINOGRAD_MIN_TILES,
+            max_cols: MAX_COLS,
         })
+    }
+
+    /// The same convolution with Winograd used from `min_tiles` output tiles per call
+    /// on (`usize::MAX`: never), e.g. to time the im2col path on its own.
+    pub fn with_winograd_min_tiles(self, min_tiles: usize) -> Self {
+        Self {
+            winograd_min_tiles: min_tiles,
+            ..self
+        }
     }
 
     /// candle's own convolution, whatever the shape (the reference for the fast path).
@@ -111,6 +132,8 @@ impl Conv2d {
             padding: self.padding,
             upsample,
             bias: self.bias.as_deref(),
+            winograd_min_tiles: self.winograd_min_tiles,
+            max_cols: self.max_cols,
         };
         let x = x.contiguous()?;
         let w = self.inner.weight();
@@ -134,6 +157,10 @@ impl Module for Conv2d {
 /// in strips of rows, so the column buffer stays small and is reused.
 const MAX_COLS: usize = 1 << 21;
 
+/// Below this many output tiles per call, transforming the kernel on every call costs
+/// more than Winograd saves (the deep, low-resolution layers with wide kernels).
+const WINOGRAD_MIN_TILES: usize = 512;
+
 /// One call's convolution; it borrows the bias so that a call copies nothing.
 struct Im2col<'a> {
     kernel: usize,
@@ -141,6 +168,8 @@ struct Im2col<'a> {
     padding: usize,
     upsample: bool,
     bias: Option<&'a [f32]>,
+    winograd_min_tiles: usize,
+    max_cols: usize,
 }
 
 /// A contiguous f32 operand's slice.
@@ -201,6 +230,8 @@ impl Im2col<'_> {
             padding: p,
             upsample,
             bias,
+            winograd_min_tiles,
+            max_cols,
         } = *self;
         let (b, c, h, wd) = xl.shape().dims4()?;
         let (c_out, wc, kh, kw) = wl.shape().dims4()?;
@@ -246,20 +277,38 @@ impl Im2col<'_> {
             ),
         }
 
+        let parallelism = match candle_core::utils::get_num_threads() {
+            1 => Parallelism::None,
+            n => Parallelism::Rayon(n),
+        };
+        if k == 3 && s == 1 && p == 1 && b * ho.div_ceil(2) * wo.div_ceil(2) >= winograd_min_tiles {
+            let u = winograd::transform_kernel(w, c_out, c);
+            for (img, dst) in x
+                .chunks_exact(c * h * wd)
+                .zip(out.chunks_exact_mut(c_out * plane))
+            {
+                let src = winograd::Source {
+                    img,
+                    c,
+                    h,
+                    w: wd,
+                    up,
+                };
+                winograd::conv3x3(src, &u, c_out, dst, max_cols, parallelism);
+            }
+            return Ok((CpuStorage::F32(out), Shape::from((b, c_out, ho, wo))));
+        }
+
         let direct = k == 1 && s == 1 && p == 0 && !upsample;
         let rows = if direct {
             ho
         } else {
-            (MAX_COLS / (depth * wo)).clamp(1, ho)
+            (max_cols / (depth * wo)).clamp(1, ho)
         };
         let mut cols = if direct {
             Vec::new()
         } else {
             vec![0f32; depth * rows * wo]
-        };
-        let parallelism = match candle_core::utils::get_num_threads() {
-            1 => Parallelism::None,
-            n => Parallelism::Rayon(n),
         };
         for (img, dst) in x
             .chunks_exact(c * h * wd)
@@ -400,17 +449,32 @@ mod tests {
         (1, 2, 3, 5, 6, 5, 1, 2),
     ];
 
-    /// A convolution with random bias, an input and a label for each of [`SHAPES`].
+    /// A convolution with random bias, an input and a label for each of [`SHAPES`], once
+    /// per path: im2col; Winograd where the shape allows it; Winograd with one tile row
+    /// per strip.
     fn cases() -> impl Iterator<Item = (Conv2d, Tensor, String)> {
-        SHAPES.into_iter().map(|(b, cin, cout, h, w, k, s, p)| {
-            let x = Tensor::randn(0f32, 1f32, (b, cin, h, w), &Device::Cpu).unwrap();
-            let what = format!("{b} {cin} {cout} {h} {w} k{k} s{s} p{p}");
-            (conv(cin, cout, k, s, p), x, what)
-        })
+        SHAPES
+            .into_iter()
+            .flat_map(|(b, cin, cout, h, w, k, s, p)| {
+                let x = Tensor::randn(0f32, 1f32, (b, cin, h, w), &Device::Cpu).unwrap();
+                let c = conv(cin, cout, k, s, p);
+                let paths = [
+                    (usize::MAX, MAX_COLS, "im2col"),
+                    (0, MAX_COLS, "winograd"),
+                    (0, 1, "winograd strips"),
+                ];
+                paths.map(|(min_tiles, max_cols, path)| {
+                    let mut c = c.clone();
+                    c.winograd_min_tiles = min_tiles;
+                    c.max_cols = max_cols;
+                    let what = format!("{b} {cin} {cout} {h} {w} k{k} s{s} p{p} {path}");
+                    (c, x.clone(), what)
+                })
+            })
     }
 
     #[test]
-    fn the_im2col_path_equals_candles_convolution() {
+    fn the_fast_paths_equal_candles_convolution() {
         for (c, x, what) in cases() {
             assert_close(
                 &c.forward(&x).unwrap(),
@@ -473,17 +537,18 @@ mod tests {
             stride: 1,
             padding: 1,
             bias: None,
+            winograd_min_tiles: usize::MAX,
+            max_cols: MAX_COLS,
         };
         // A transposed view: the op must see the values, not the storage order.
         let x = Tensor::randn(0f32, 1f32, (1, 6, 9, 7), &Device::Cpu)
             .unwrap()
             .transpose(2, 3)
             .unwrap();
-        assert_close(
-            &c.forward(&x).unwrap(),
-            &c.forward_candle(&x).unwrap(),
-            "no bias",
-        );
+        let want = c.forward_candle(&x).unwrap();
+        assert_close(&c.forward(&x).unwrap(), &want, "no bias");
+        let c = c.with_winograd_min_tiles(0);
+        assert_close(&c.forward(&x).unwrap(), &want, "no bias, winograd");
     }
 
     #[test]

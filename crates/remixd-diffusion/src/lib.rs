@@ -23,5 +23,6 @@ mod simd;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;
+mod winograd;
 
 pub use error::{Error, Result};

@@ -377,7 +377,7 @@ pub fn sd(b: SdBench) -> anyhow::Result<()> {
         put("image_unet_passes", json!(passes));
     }
 
-    // The two optimised kernels against the paths they replace, at SD 1.5's largest
+    // The optimised kernels against the paths they replace, at SD 1.5's largest
     // shapes (512², guidance batch 2), in this same run.
     if want(SdPart::Kernels) {
         use candle_core::Module;
@@ -390,11 +390,18 @@ pub fn sd(b: SdBench) -> anyhow::Result<()> {
             Ok(())
         })?;
         put("conv3x3_320_candle_s", json!(s));
+        let im2col = conv.clone().with_winograd_min_tiles(usize::MAX);
         let s = time("conv 3x3 320ch, im2col", b.repeats, &mut || {
-            std::hint::black_box(conv.forward(&x)?);
+            std::hint::black_box(im2col.forward(&x)?);
             Ok(())
         })?;
         put("conv3x3_320_im2col_s", json!(s));
+        let winograd = conv.with_winograd_min_tiles(0);
+        let s = time("conv 3x3 320ch, winograd", b.repeats, &mut || {
+            std::hint::black_box(winograd.forward(&x)?);
+            Ok(())
+        })?;
+        put("conv3x3_320_winograd_s", json!(s));
 
         use remixd_diffusion::attention::{materialized_attention, tiled_attention};
         let tokens = latent * latent;
