@@ -84,6 +84,7 @@ impl CustomOp1 for Geglu {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::max_diff;
     use candle_core::Device;
 
     #[test]
@@ -93,14 +94,7 @@ mod tests {
         let (value, gate) = (h.narrow(2, 0, 24).unwrap(), h.narrow(2, 24, 24).unwrap());
         let want = (value * gate.gelu_erf().unwrap()).unwrap();
         assert_eq!(got.dims(), &[2, 37, 24]);
-        let diff = (got - want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = max_diff(&got, &want);
         assert!(diff < 1e-5, "max |diff| {diff}");
     }
 
@@ -110,8 +104,7 @@ mod tests {
         let t = h.transpose(0, 1).unwrap();
         let got = geglu(&t).unwrap();
         let want = geglu(&t.contiguous().unwrap()).unwrap();
-        let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap();
-        assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
+        assert_eq!(max_diff(&got, &want), 0.0);
         let odd = Tensor::zeros((2, 5), DType::F32, &Device::Cpu).unwrap();
         assert!(geglu(&odd).unwrap_err().to_string().contains("odd"));
     }

@@ -449,16 +449,8 @@ fn online_softmax<const FMA: bool>(scores: &mut [f32], acc: &mut [f32], state: &
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::max_abs;
     use candle_core::{Device, IndexOp};
-
-    fn max_abs(t: &Tensor) -> f32 {
-        t.abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
 
     /// The tiled kernel with the given tiles, in every variant, against the
     /// materialising path.

@@ -507,14 +507,7 @@ mod tests {
             // query rows split within a head.
             for max in [130, 250, 100, 7] {
                 let part = attention_chunked(&q, &k, &v, heads, max).unwrap();
-                let diff = (&whole - &part)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
+                let diff = crate::test_util::max_diff(&whole, &part);
                 assert!(diff < 1e-6, "heads {heads} max {max}: {diff}");
             }
         }

@@ -406,6 +406,7 @@ impl Im2col<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::max_abs;
     use candle_core::Device;
     use candle_nn::VarMap;
 
@@ -421,11 +422,6 @@ mod tests {
             }
         }
         Conv2d::new(vb, cin, cout, k, stride, pad).unwrap()
-    }
-
-    fn max_abs(t: &Tensor) -> f32 {
-        let t = t.abs().unwrap().flatten_all().unwrap();
-        t.max(0).unwrap().to_scalar().unwrap()
     }
 
     fn assert_close(ours: &Tensor, theirs: &Tensor, what: &str) {

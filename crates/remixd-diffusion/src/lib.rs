@@ -26,3 +26,20 @@ pub mod vae;
 mod winograd;
 
 pub use error::{Error, Result};
+
+/// Helpers shared by the unit tests.
+#[cfg(test)]
+mod test_util {
+    use candle_core::Tensor;
+
+    /// The largest absolute value of `t`.
+    pub(crate) fn max_abs(t: &Tensor) -> f32 {
+        let t = t.abs().unwrap().flatten_all().unwrap();
+        t.max(0).unwrap().to_scalar().unwrap()
+    }
+
+    /// The largest absolute difference between `a` and `b`.
+    pub(crate) fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        max_abs(&(a - b).unwrap())
+    }
+}

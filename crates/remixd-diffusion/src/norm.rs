@@ -172,6 +172,7 @@ impl CustomOp1 for Fused<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::max_diff;
     use candle_core::Device;
     use candle_nn::VarMap;
 
@@ -185,11 +186,6 @@ mod tests {
             var.set(&v).unwrap();
         }
         GroupNorm::new(vb.pp("n"), groups, channels, 1e-5).unwrap()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        let d = (a - b).unwrap().abs().unwrap().flatten_all().unwrap();
-        d.max(0).unwrap().to_scalar().unwrap()
     }
 
     #[test]

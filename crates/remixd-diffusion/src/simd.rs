@@ -30,49 +30,52 @@ pub(crate) enum Simd {
 }
 
 impl Simd {
+    /// Every variant, best first.
+    const ALL: [Self; if cfg!(target_arch = "x86_64") { 3 } else { 1 }] = [
+        #[cfg(target_arch = "x86_64")]
+        Self::Avx512,
+        #[cfg(target_arch = "x86_64")]
+        Self::Avx2,
+        Self::Portable,
+    ];
+
+    /// Whether this CPU has the variant's instructions.
+    fn available(self) -> bool {
+        match self {
+            Self::Portable => true,
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx2 => {
+                std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+            }
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx512 => std::arch::is_x86_feature_detected!("avx512f"),
+        }
+    }
+
     /// The best variant for this CPU (detected once).
     pub(crate) fn detect() -> Self {
         static DETECTED: std::sync::OnceLock<Simd> = std::sync::OnceLock::new();
         *DETECTED.get_or_init(|| {
-            #[cfg(target_arch = "x86_64")]
-            {
-                if std::arch::is_x86_feature_detected!("avx512f") {
-                    return Self::Avx512;
-                }
-                if std::arch::is_x86_feature_detected!("avx2")
-                    && std::arch::is_x86_feature_detected!("fma")
-                {
-                    return Self::Avx2;
-                }
-            }
-            Self::Portable
+            Self::ALL
+                .into_iter()
+                .find(|s| s.available())
+                .unwrap_or(Self::Portable)
         })
     }
 
     /// Every variant this CPU can run (for tests that compare them).
     #[cfg(test)]
     pub(crate) fn supported() -> Vec<Self> {
-        let mut all = vec![Self::Portable];
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
-                all.push(Self::Avx2);
-            }
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                all.push(Self::Avx512);
-            }
-        }
-        all
+        Self::ALL.into_iter().filter(|s| s.available()).collect()
     }
 
     /// Runs `kernel` compiled for this variant.
     pub(crate) fn run<K: Kernel>(self, kernel: K) -> K::Output {
         match self {
             Self::Portable => kernel.run::<false>(),
-            // SAFETY: these variants are made only where the CPU was found to have the
-            // features (`detect`, `supported`).
+            // SAFETY: these variants are handed out only where the CPU was found to have
+            // the features (`detect`, `supported`, both through `available`).
             #[cfg(target_arch = "x86_64")]
             Self::Avx2 => unsafe { x86::avx2(kernel) },
             #[cfg(target_arch = "x86_64")]
