@@ -503,6 +503,7 @@ def cmd_table(args) -> None:
     print("  its GFLOP = passes x UNet b2 + VAE encode + VAE decode + 2 text encoder forwards")
     print("GFLOP: torch's FlopCounterMode on diffusers, used for both sides: convolutions, matmuls and")
     print("  attention, a multiply-add = 2 FLOPs; norms, activations, softmax not counted")
+    print("  (as direct sums: remixd's Winograd convolutions multiply less, so its % of peak can pass 100)")
     print("diffusers/remixd > 1: remixd is faster")
     kernels = [
         ("3x3 conv, 320 ch, 64x64, batch 2", "conv3x3_320_candle_s", "conv3x3_320_im2col_s", "candle's conv", "im2col"),
