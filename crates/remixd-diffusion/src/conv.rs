@@ -126,7 +126,7 @@ impl Conv2d {
                 Some(Addend::PerChannel(a)) => y.broadcast_add(&a.unsqueeze(2)?.unsqueeze(3)?),
             };
         }
-        let op = Im2col {
+        let op = CpuConv {
             kernel: self.kernel,
             stride: self.stride,
             padding: self.padding,
@@ -153,16 +153,18 @@ impl Module for Conv2d {
     }
 }
 
-/// The most im2col matrix elements built at once (8 MiB of f32): larger outputs are done
-/// in strips of rows, so the column buffer stays small and is reused.
+/// The most im2col matrix elements (or Winograd tile values, in each of its two buffers)
+/// built at once (8 MiB of f32): larger outputs are done in strips of rows, so the
+/// scratch buffers stay small and are reused.
 const MAX_COLS: usize = 1 << 21;
 
 /// Below this many output tiles per call, transforming the kernel on every call costs
 /// more than Winograd saves (the deep, low-resolution layers with wide kernels).
 const WINOGRAD_MIN_TILES: usize = 512;
 
-/// One call's convolution; it borrows the bias so that a call copies nothing.
-struct Im2col<'a> {
+/// One call's convolution (im2col, 1×1 direct or Winograd); it borrows the bias so that
+/// a call copies nothing.
+struct CpuConv<'a> {
     kernel: usize,
     stride: usize,
     padding: usize,
@@ -180,9 +182,9 @@ fn slice<'a>(name: &str, storage: &'a CpuStorage, layout: &Layout) -> Result<&'a
     Ok(&storage.as_slice::<f32>()?[start..end])
 }
 
-impl CustomOp2 for Im2col<'_> {
+impl CustomOp2 for CpuConv<'_> {
     fn name(&self) -> &'static str {
-        "conv2d-im2col"
+        "conv2d-cpu"
     }
 
     fn cpu_fwd(
@@ -196,9 +198,9 @@ impl CustomOp2 for Im2col<'_> {
     }
 }
 
-impl CustomOp3 for Im2col<'_> {
+impl CustomOp3 for CpuConv<'_> {
     fn name(&self) -> &'static str {
-        "conv2d-im2col-add"
+        "conv2d-cpu-add"
     }
 
     fn cpu_fwd(
@@ -214,7 +216,7 @@ impl CustomOp3 for Im2col<'_> {
     }
 }
 
-impl Im2col<'_> {
+impl CpuConv<'_> {
     fn conv(
         &self,
         xs: &CpuStorage,

@@ -104,7 +104,7 @@ pub(crate) fn conv3x3(
     let c = src.c;
     let (ho, wo) = (src.h << src.up, src.w << src.up);
     let (th, tw) = (ho.div_ceil(2), wo.div_ceil(2));
-    let rows = (max_floats / (XI * c.max(c_out) * tw)).clamp(1, th);
+    let rows = (max_floats / (XI * c.max(c_out).max(1) * tw)).clamp(1, th);
     let mut v = vec![0f32; XI * c * rows * tw];
     let mut m = vec![0f32; XI * c_out * rows * tw];
     let plane = ho * wo;
