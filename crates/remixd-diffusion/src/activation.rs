@@ -56,10 +56,7 @@ impl CustomOp1 for Geglu {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (start, end) = layout
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("geglu: input not contiguous".into()))?;
-        let h = &storage.as_slice::<f32>()?[start..end];
+        let h = crate::contiguous_f32("geglu: input", storage, layout)?;
         let mut dims = layout.dims().to_vec();
         let width = dims.last().copied().unwrap_or(0);
         let inner = width / 2;

@@ -174,14 +174,6 @@ struct CpuConv<'a> {
     max_cols: usize,
 }
 
-/// A contiguous f32 operand's slice.
-fn slice<'a>(name: &str, storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
-    let (start, end) = layout
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg(format!("conv: {name} not contiguous")))?;
-    Ok(&storage.as_slice::<f32>()?[start..end])
-}
-
 impl CustomOp2 for CpuConv<'_> {
     fn name(&self) -> &'static str {
         "conv2d-cpu"
@@ -212,7 +204,13 @@ impl CustomOp3 for CpuConv<'_> {
         a: &CpuStorage,
         al: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        self.conv(xs, xl, ws, wl, Some(slice("addend", a, al)?))
+        self.conv(
+            xs,
+            xl,
+            ws,
+            wl,
+            Some(crate::contiguous_f32("conv: addend", a, al)?),
+        )
     }
 }
 
@@ -225,7 +223,8 @@ impl CpuConv<'_> {
         wl: &Layout,
         addend: Option<&[f32]>,
     ) -> Result<(CpuStorage, Shape)> {
-        let (x, w) = (slice("input", xs, xl)?, slice("weight", ws, wl)?);
+        let x = crate::contiguous_f32("conv: input", xs, xl)?;
+        let w = crate::contiguous_f32("conv: weight", ws, wl)?;
         let Self {
             kernel: k,
             stride: s,

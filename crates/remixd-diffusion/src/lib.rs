@@ -27,6 +27,19 @@ mod winograd;
 
 pub use error::{Error, Result};
 
+/// The values of a contiguous f32 operand of a CPU custom op; `what` names it in the
+/// error (e.g. "conv: weight").
+pub(crate) fn contiguous_f32<'a>(
+    what: &str,
+    storage: &'a candle_core::CpuStorage,
+    layout: &candle_core::Layout,
+) -> candle_core::Result<&'a [f32]> {
+    let (start, end) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg(format!("{what} not contiguous")))?;
+    Ok(&storage.as_slice::<f32>()?[start..end])
+}
+
 /// Helpers shared by the unit tests.
 #[cfg(test)]
 mod test_util {

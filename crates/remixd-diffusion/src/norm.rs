@@ -120,10 +120,7 @@ impl CustomOp1 for Fused<'_> {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (start, end) = layout
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("group norm: input not contiguous".into()))?;
-        let x = &storage.as_slice::<f32>()?[start..end];
+        let x = crate::contiguous_f32("group norm: input", storage, layout)?;
         let dims = layout.dims();
         let (b, c) = (dims[0], dims[1]);
         if c != self.gamma.len() || c % self.groups != 0 {
