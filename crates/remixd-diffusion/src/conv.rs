@@ -283,20 +283,14 @@ impl CpuConv<'_> {
             n => Parallelism::Rayon(n),
         };
         if k == 3 && s == 1 && p == 1 && b * ho.div_ceil(2) * wo.div_ceil(2) >= winograd_min_tiles {
-            let u = winograd::transform_kernel(w, c_out, c);
-            for (img, dst) in x
-                .chunks_exact(c * h * wd)
-                .zip(out.chunks_exact_mut(c_out * plane))
-            {
-                let src = winograd::Source {
-                    img,
-                    c,
-                    h,
-                    w: wd,
-                    up,
-                };
-                winograd::conv3x3(src, &u, c_out, dst, max_cols, parallelism);
-            }
+            let src = winograd::Source {
+                img: x,
+                c,
+                h,
+                w: wd,
+                up,
+            };
+            winograd::conv3x3(src, w, c_out, &mut out, max_cols, parallelism);
             return Ok((CpuStorage::F32(out), Shape::from((b, c_out, ho, wo))));
         }
 

@@ -24,7 +24,7 @@ const XI: usize = 16;
 
 /// The transformed kernel `U = G g Gᵀ`, laid out `[c_out][ξ][c_in]`, from the weight
 /// `(c_out, c_in, 3, 3)`.
-pub(crate) fn transform_kernel(weight: &[f32], c_out: usize, c_in: usize) -> Vec<f32> {
+fn transform_kernel(weight: &[f32], c_out: usize, c_in: usize) -> Vec<f32> {
     let mut u = vec![0f32; c_out * XI * c_in];
     u.par_chunks_exact_mut(XI * c_in)
         .zip(weight.par_chunks_exact(9 * c_in))
@@ -56,8 +56,8 @@ pub(crate) fn transform_kernel(weight: &[f32], c_out: usize, c_in: usize) -> Vec
     u
 }
 
-/// The source image of one convolution: `c` channels of `h × w`, read as if upsampled
-/// 2× (nearest) when `up` is 1, padded by one zero pixel on each side.
+/// The source images of one convolution: each `c` channels of `h × w`, read as if
+/// upsampled 2× (nearest) when `up` is 1, padded by one zero pixel on each side.
 #[derive(Clone, Copy)]
 pub(crate) struct Source<'a> {
     pub img: &'a [f32],
@@ -90,159 +90,168 @@ impl Source<'_> {
     }
 }
 
-/// Adds the 3×3, stride 1, padding 1 convolution of `src` by the transformed kernel `u`
-/// into `dst` (`c_out` planes of the logical input's size). `max_floats` bounds each of
-/// the two scratch buffers (transformed input and products), in f32 values.
+/// Adds the 3×3, stride 1, padding 1 convolution of every image of `src` (`src.img` holds
+/// them one after another) by `weight` (`(c_out, c_in, 3, 3)`) into `dst` (per image,
+/// `c_out` planes of the logical input's size). The kernel is transformed once per call
+/// and the two scratch buffers (transformed input and products, at most `max_floats`
+/// values each) serve every image.
 pub(crate) fn conv3x3(
     src: Source,
-    u: &[f32],
+    weight: &[f32],
     c_out: usize,
     dst: &mut [f32],
     max_floats: usize,
     parallelism: Parallelism,
 ) {
     let c = src.c;
+    let u = transform_kernel(weight, c_out, c);
     let (ho, wo) = (src.h << src.up, src.w << src.up);
     let (th, tw) = (ho.div_ceil(2), wo.div_ceil(2));
     let rows = (max_floats / (XI * c.max(c_out).max(1) * tw)).clamp(1, th);
     let mut v = vec![0f32; XI * c * rows * tw];
     let mut m = vec![0f32; XI * c_out * rows * tw];
     let plane = ho * wo;
-    for top in (0..th).step_by(rows) {
-        let tiles = rows.min(th - top) * tw;
-        let stride = XI * tiles;
-        // V = Bᵀ d B per channel and tile, laid out [c_in][ξ][tile].
-        v[..c * stride]
-            .par_chunks_exact_mut(stride)
-            .enumerate()
-            .for_each(|(ci, v)| {
-                let plane_src = &src.img[ci * src.h * src.w..][..src.h * src.w];
-                // Four padded input rows, then their column transform, [row][j][tile].
-                let mut rows_in = vec![0f32; 4 * (2 * tw + 2)];
-                let mut cols = vec![0f32; 16 * tw];
-                for ty in 0..tiles / tw {
-                    let y0 = 2 * (top + ty);
-                    for (r, row) in rows_in.chunks_exact_mut(2 * tw + 2).enumerate() {
-                        src.padded_row(plane_src, y0 + r, row);
-                    }
-                    // d·B along each row: d0-d2, d1+d2, d2-d1, d1-d3 of each tile's 4 columns.
-                    for (row, ct) in rows_in
-                        .chunks_exact(2 * tw + 2)
-                        .zip(cols.chunks_exact_mut(4 * tw))
-                    {
-                        let (c0, rest) = ct.split_at_mut(tw);
-                        let (c1, rest) = rest.split_at_mut(tw);
-                        let (c2, c3) = rest.split_at_mut(tw);
-                        for (t, (((e0, e1), e2), e3)) in
-                            c0.iter_mut().zip(c1).zip(c2).zip(c3).enumerate()
+    let images = src
+        .img
+        .chunks_exact(c * src.h * src.w)
+        .zip(dst.chunks_exact_mut(c_out * plane));
+    for (img, dst) in images {
+        for top in (0..th).step_by(rows) {
+            let tiles = rows.min(th - top) * tw;
+            let stride = XI * tiles;
+            // V = Bᵀ d B per channel and tile, laid out [c_in][ξ][tile].
+            v[..c * stride]
+                .par_chunks_exact_mut(stride)
+                .enumerate()
+                .for_each(|(ci, v)| {
+                    let plane_src = &img[ci * src.h * src.w..][..src.h * src.w];
+                    // Four padded input rows, then their column transform, [row][j][tile].
+                    let mut rows_in = vec![0f32; 4 * (2 * tw + 2)];
+                    let mut cols = vec![0f32; 16 * tw];
+                    for ty in 0..tiles / tw {
+                        let y0 = 2 * (top + ty);
+                        for (r, row) in rows_in.chunks_exact_mut(2 * tw + 2).enumerate() {
+                            src.padded_row(plane_src, y0 + r, row);
+                        }
+                        // d·B along each row: d0-d2, d1+d2, d2-d1, d1-d3 of each tile's 4 columns.
+                        for (row, ct) in rows_in
+                            .chunks_exact(2 * tw + 2)
+                            .zip(cols.chunks_exact_mut(4 * tw))
                         {
-                            let d = &row[2 * t..2 * t + 4];
-                            *e0 = d[0] - d[2];
-                            *e1 = d[1] + d[2];
-                            *e2 = d[2] - d[1];
-                            *e3 = d[1] - d[3];
+                            let (c0, rest) = ct.split_at_mut(tw);
+                            let (c1, rest) = rest.split_at_mut(tw);
+                            let (c2, c3) = rest.split_at_mut(tw);
+                            for (t, (((e0, e1), e2), e3)) in
+                                c0.iter_mut().zip(c1).zip(c2).zip(c3).enumerate()
+                            {
+                                let d = &row[2 * t..2 * t + 4];
+                                *e0 = d[0] - d[2];
+                                *e1 = d[1] + d[2];
+                                *e2 = d[2] - d[1];
+                                *e3 = d[1] - d[3];
+                            }
                         }
-                    }
-                    // Bᵀ(d·B) down the columns, into V[ξ = 4i + j][tile].
-                    let (r0, r1, r2, r3) = (
-                        &cols[..4 * tw],
-                        &cols[4 * tw..8 * tw],
-                        &cols[8 * tw..12 * tw],
-                        &cols[12 * tw..],
-                    );
-                    for j in 0..4 {
-                        let span = j * tw..(j + 1) * tw;
-                        let (a, b, c, d) = (
-                            &r0[span.clone()],
-                            &r1[span.clone()],
-                            &r2[span.clone()],
-                            &r3[span],
+                        // Bᵀ(d·B) down the columns, into V[ξ = 4i + j][tile].
+                        let (r0, r1, r2, r3) = (
+                            &cols[..4 * tw],
+                            &cols[4 * tw..8 * tw],
+                            &cols[8 * tw..12 * tw],
+                            &cols[12 * tw..],
                         );
-                        let at = |i: usize| (4 * i + j) * tiles + ty * tw;
-                        for (o, (x, z)) in v[at(0)..][..tw].iter_mut().zip(a.iter().zip(c)) {
-                            *o = x - z;
-                        }
-                        for (o, (x, z)) in v[at(1)..][..tw].iter_mut().zip(b.iter().zip(c)) {
-                            *o = x + z;
-                        }
-                        for (o, (x, z)) in v[at(2)..][..tw].iter_mut().zip(c.iter().zip(b)) {
-                            *o = x - z;
-                        }
-                        for (o, (x, z)) in v[at(3)..][..tw].iter_mut().zip(b.iter().zip(d)) {
-                            *o = x - z;
-                        }
-                    }
-                }
-            });
-        for xi in 0..XI {
-            // M[ξ] (c_out × tiles, row stride 16·tiles) = U[ξ] (c_out × c_in, row stride
-            // 16·c_in) · V[ξ] (c_in × tiles, row stride 16·tiles).
-            // SAFETY: `m` holds `c_out` rows of `16·tiles` values and this product writes
-            // columns `ξ·tiles..(ξ+1)·tiles` of each; `u` holds `c_out` rows of
-            // `16·c_in`, of which columns `ξ·c_in..(ξ+1)·c_in` are read; `v` holds `c_in`
-            // rows of `16·tiles`, of which columns `ξ·tiles..(ξ+1)·tiles` are read. The
-            // buffers do not overlap.
-            unsafe {
-                gemm::gemm(
-                    c_out,
-                    tiles,
-                    c,
-                    m.as_mut_ptr().add(xi * tiles),
-                    1,
-                    stride as isize,
-                    false,
-                    u.as_ptr().add(xi * c),
-                    1,
-                    (XI * c) as isize,
-                    v.as_ptr().add(xi * tiles),
-                    1,
-                    stride as isize,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    parallelism,
-                );
-            }
-        }
-        // Y = Aᵀ M A per output channel and tile, added into the output.
-        dst.par_chunks_exact_mut(plane)
-            .zip(m[..c_out * stride].par_chunks_exact(stride))
-            .for_each(|(out, m)| {
-                let mut am = vec![0f32; 8 * tw];
-                for ty in 0..tiles / tw {
-                    let row = |xi: usize| &m[xi * tiles + ty * tw..][..tw];
-                    // Aᵀ M down the columns: rows m0+m1+m2 and m1-m2-m3, [i][j][tile].
-                    let (top_rows, bottom_rows) = am.split_at_mut(4 * tw);
-                    for (j, (a0, a1)) in top_rows
-                        .chunks_exact_mut(tw)
-                        .zip(bottom_rows.chunks_exact_mut(tw))
-                        .enumerate()
-                    {
-                        let (m0, m1, m2, m3) = (row(j), row(4 + j), row(8 + j), row(12 + j));
-                        for t in 0..tw {
-                            a0[t] = m0[t] + m1[t] + m2[t];
-                            a1[t] = m1[t] - m2[t] - m3[t];
-                        }
-                    }
-                    // (Aᵀ M)A along the rows: a0+a1+a2 and a1-a2-a3, into output rows y0, y0+1.
-                    for (i, a) in am.chunks_exact(4 * tw).enumerate() {
-                        let y = 2 * (top + ty) + i;
-                        if y >= ho {
-                            break;
-                        }
-                        let line = &mut out[y * wo..][..wo];
-                        let (a0, a1, a2, a3) =
-                            (&a[..tw], &a[tw..2 * tw], &a[2 * tw..3 * tw], &a[3 * tw..]);
-                        for (t, pair) in line.chunks_mut(2).enumerate() {
-                            pair[0] += a0[t] + a1[t] + a2[t];
-                            if let Some(second) = pair.get_mut(1) {
-                                *second += a1[t] - a2[t] - a3[t];
+                        for j in 0..4 {
+                            let span = j * tw..(j + 1) * tw;
+                            let (a, b, c, d) = (
+                                &r0[span.clone()],
+                                &r1[span.clone()],
+                                &r2[span.clone()],
+                                &r3[span],
+                            );
+                            let at = |i: usize| (4 * i + j) * tiles + ty * tw;
+                            for (o, (x, z)) in v[at(0)..][..tw].iter_mut().zip(a.iter().zip(c)) {
+                                *o = x - z;
+                            }
+                            for (o, (x, z)) in v[at(1)..][..tw].iter_mut().zip(b.iter().zip(c)) {
+                                *o = x + z;
+                            }
+                            for (o, (x, z)) in v[at(2)..][..tw].iter_mut().zip(c.iter().zip(b)) {
+                                *o = x - z;
+                            }
+                            for (o, (x, z)) in v[at(3)..][..tw].iter_mut().zip(b.iter().zip(d)) {
+                                *o = x - z;
                             }
                         }
                     }
+                });
+            for xi in 0..XI {
+                // M[ξ] (c_out × tiles, row stride 16·tiles) = U[ξ] (c_out × c_in, row stride
+                // 16·c_in) · V[ξ] (c_in × tiles, row stride 16·tiles).
+                // SAFETY: `m` holds `c_out` rows of `16·tiles` values and this product writes
+                // columns `ξ·tiles..(ξ+1)·tiles` of each; `u` holds `c_out` rows of
+                // `16·c_in`, of which columns `ξ·c_in..(ξ+1)·c_in` are read; `v` holds `c_in`
+                // rows of `16·tiles`, of which columns `ξ·tiles..(ξ+1)·tiles` are read. The
+                // buffers do not overlap.
+                unsafe {
+                    gemm::gemm(
+                        c_out,
+                        tiles,
+                        c,
+                        m.as_mut_ptr().add(xi * tiles),
+                        1,
+                        stride as isize,
+                        false,
+                        u.as_ptr().add(xi * c),
+                        1,
+                        (XI * c) as isize,
+                        v.as_ptr().add(xi * tiles),
+                        1,
+                        stride as isize,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        parallelism,
+                    );
                 }
-            });
+            }
+            // Y = Aᵀ M A per output channel and tile, added into the output.
+            dst.par_chunks_exact_mut(plane)
+                .zip(m[..c_out * stride].par_chunks_exact(stride))
+                .for_each(|(out, m)| {
+                    let mut am = vec![0f32; 8 * tw];
+                    for ty in 0..tiles / tw {
+                        let row = |xi: usize| &m[xi * tiles + ty * tw..][..tw];
+                        // Aᵀ M down the columns: rows m0+m1+m2 and m1-m2-m3, [i][j][tile].
+                        let (top_rows, bottom_rows) = am.split_at_mut(4 * tw);
+                        for (j, (a0, a1)) in top_rows
+                            .chunks_exact_mut(tw)
+                            .zip(bottom_rows.chunks_exact_mut(tw))
+                            .enumerate()
+                        {
+                            let (m0, m1, m2, m3) = (row(j), row(4 + j), row(8 + j), row(12 + j));
+                            for t in 0..tw {
+                                a0[t] = m0[t] + m1[t] + m2[t];
+                                a1[t] = m1[t] - m2[t] - m3[t];
+                            }
+                        }
+                        // (Aᵀ M)A along the rows: a0+a1+a2 and a1-a2-a3, into output rows y0, y0+1.
+                        for (i, a) in am.chunks_exact(4 * tw).enumerate() {
+                            let y = 2 * (top + ty) + i;
+                            if y >= ho {
+                                break;
+                            }
+                            let line = &mut out[y * wo..][..wo];
+                            let (a0, a1, a2, a3) =
+                                (&a[..tw], &a[tw..2 * tw], &a[2 * tw..3 * tw], &a[3 * tw..]);
+                            for (t, pair) in line.chunks_mut(2).enumerate() {
+                                pair[0] += a0[t] + a1[t] + a2[t];
+                                if let Some(second) = pair.get_mut(1) {
+                                    *second += a1[t] - a2[t] - a3[t];
+                                }
+                            }
+                        }
+                    }
+                });
+        }
     }
 }
