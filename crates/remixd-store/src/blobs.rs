@@ -27,11 +27,30 @@ pub enum BlobError {
     Io(#[from] std::io::Error),
 }
 
+impl BlobError {
+    /// Whether the storage is out of space (`ENOSPC` anywhere in the error's chain).
+    pub fn is_full(&self) -> bool {
+        let mut e: Option<&(dyn std::error::Error + 'static)> = Some(self);
+        while let Some(err) = e {
+            if let Some(io) = err.downcast_ref::<std::io::Error>() {
+                if io.raw_os_error() == Some(28) {
+                    return true;
+                }
+            }
+            e = err.source();
+        }
+        false
+    }
+}
+
 /// A handle to the file storage; cheap to clone.
 #[derive(Clone)]
 pub struct Blobs {
     inner: Arc<dyn ObjectStore>,
     describe: String,
+    /// The root directory, for storage on the local disk: deleting a key there leaves its
+    /// directories behind, which [`Blobs::delete`] and [`Blobs::delete_prefix`] prune.
+    local: Option<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for Blobs {
@@ -81,6 +100,7 @@ impl Blobs {
             return Ok(Self {
                 inner: Arc::new(fs),
                 describe: url.to_string(),
+                local: Some(std::path::absolute(dir)?),
             });
         }
         Err(BlobError::Unsupported(url.to_string()))
@@ -99,12 +119,57 @@ impl Blobs {
         }
     }
 
+    /// The root directory when the files are on the local disk (for free-space checks).
+    pub fn local_dir(&self) -> Option<&std::path::Path> {
+        self.local.as_deref()
+    }
+
     /// Deletes a key; deleting a missing key is not an error.
     pub async fn delete(&self, key: &str) -> Result<(), BlobError> {
         match self.inner.delete(&path(key)?).await {
-            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(e) => Err(e.into()),
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+            Err(e) => return Err(e.into()),
         }
+        if let Some(parent) = key.rsplit_once('/').map(|(p, _)| p) {
+            self.prune_dirs(parent, false).await;
+        }
+        Ok(())
+    }
+
+    /// On the local disk, removes the now empty directories of `prefix`: with `inside`,
+    /// every empty directory under it first; then `prefix` itself and its parents while
+    /// they are empty, but never a top-level directory (`inputs`, `results`, `uploads`).
+    /// Only empty directories are removed (`remove_dir`), so a file written meanwhile is
+    /// never lost; a directory that is not empty simply stays.
+    async fn prune_dirs(&self, prefix: &str, inside: bool) {
+        let Some(root) = self.local.clone() else {
+            return;
+        };
+        let prefix = prefix.to_string();
+        let _ = tokio::task::spawn_blocking(move || {
+            fn empty_dirs_below(dir: &std::path::Path) {
+                let Ok(entries) = std::fs::read_dir(dir) else {
+                    return;
+                };
+                for e in entries.flatten() {
+                    if e.file_type().is_ok_and(|t| t.is_dir()) {
+                        empty_dirs_below(&e.path());
+                        let _ = std::fs::remove_dir(e.path());
+                    }
+                }
+            }
+            if inside {
+                empty_dirs_below(&root.join(&prefix));
+            }
+            let mut rel = Some(prefix.as_str());
+            while let Some(r) = rel.filter(|r| r.contains('/')) {
+                if std::fs::remove_dir(root.join(r)).is_err() {
+                    break;
+                }
+                rel = r.rsplit_once('/').map(|(p, _)| p);
+            }
+        })
+        .await;
     }
 
     /// Deletes every key under a prefix (`inputs/<task>`, say).
@@ -123,6 +188,7 @@ impl Blobs {
                 Err(e) => return Err(e.into()),
             }
         }
+        self.prune_dirs(prefix, true).await;
         Ok(())
     }
 
@@ -172,5 +238,30 @@ mod tests {
         b.delete_prefix("x").await.unwrap();
         assert!(matches!(b.get("x/y/0.png").await, Err(BlobError::NotFound)));
         b.probe().await.unwrap();
+    }
+
+    /// Deleting leaves no empty directories behind (one per task and upload otherwise),
+    /// keeps the top-level ones, and never touches a directory that still holds a file.
+    #[tokio::test]
+    async fn deleting_prunes_empty_directories() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = Blobs::open(&format!("file://{}", dir.path().display())).unwrap();
+        let put = |k: &'static str| b.put(k, Bytes::from_static(b"x"));
+        put("inputs/t1/base").await.unwrap();
+        put("inputs/t1/style-0").await.unwrap();
+        put("inputs/t2/base").await.unwrap();
+        put("uploads/tok/images/a/b.png").await.unwrap();
+        put("uploads/tok/images/keep.png").await.unwrap();
+        b.delete_prefix("inputs/t1").await.unwrap();
+        assert!(!dir.path().join("inputs/t1").exists(), "task dir pruned");
+        assert!(dir.path().join("inputs/t2/base").exists(), "others kept");
+        b.delete_prefix("inputs/t2").await.unwrap();
+        assert!(dir.path().join("inputs").is_dir(), "top level kept");
+        b.delete("uploads/tok/images/a/b.png").await.unwrap();
+        assert!(!dir.path().join("uploads/tok/images/a").exists());
+        assert!(dir.path().join("uploads/tok/images/keep.png").exists());
+        b.delete("uploads/tok/images/keep.png").await.unwrap();
+        assert!(!dir.path().join("uploads/tok").exists());
+        assert!(dir.path().join("uploads").is_dir());
     }
 }

@@ -19,12 +19,14 @@
 pub mod blobs;
 #[cfg(any(test, feature = "contract-tests"))]
 pub mod contract;
+pub mod space;
 pub mod sqlite;
 
 use async_trait::async_trait;
 use remixd_domain::{FailCode, KeyLimits, Millis, TaskId, TaskInput, TaskState};
 
 pub use blobs::{BlobError, Blobs};
+pub use space::{SpaceError, SpaceGuard};
 pub use sqlite::SqliteStore;
 
 /// Errors of the store. Constraint outcomes that callers act on (not enough credits,
@@ -32,7 +34,11 @@ pub use sqlite::SqliteStore;
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("database error: {0}")]
-    Database(#[from] sqlx::Error),
+    Database(sqlx::Error),
+    /// The database or the file storage has no space left. Nothing was written; the
+    /// same call succeeds once space is back (the connection recovers by itself).
+    #[error("storage is full: {0}")]
+    Full(String),
     #[error("migration error: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("{0} not found")]
@@ -43,6 +49,29 @@ pub enum StoreError {
     Corrupt(String),
     #[error("unsupported database URL {0:?}")]
     Unsupported(String),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        if is_disk_full(&e) {
+            StoreError::Full(e.to_string())
+        } else {
+            StoreError::Database(e)
+        }
+    }
+}
+
+/// SQLite's `SQLITE_FULL` (13, in the low byte of its extended codes), or an IO error
+/// that says the device is out of space.
+fn is_disk_full(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(d) => d
+            .code()
+            .and_then(|c| c.parse::<i64>().ok())
+            .is_some_and(|c| c & 0xff == 13),
+        sqlx::Error::Io(io) => io.raw_os_error() == Some(28), // ENOSPC
+        _ => false,
+    }
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -290,7 +319,8 @@ pub enum AttemptOutcome {
 pub trait Store: Send + Sync + 'static {
     /// Applies pending migrations.
     async fn migrate(&self) -> Result<()>;
-    /// A cheap round trip, for `/readyz`.
+    /// A cheap round trip, for `/readyz`, that includes a tiny write: a database that
+    /// cannot be written (a full disk) is not ready.
     async fn ping(&self) -> Result<()>;
 
     // Accounts and credits.

@@ -73,6 +73,27 @@ impl SqliteStore {
             .max_connections(1)
             .min_connections(1)
             .acquire_timeout(Duration::from_secs(60))
+            // A connection still inside a transaction is never handed out again. When a
+            // COMMIT fails for lack of space, SQLite may already have rolled the
+            // transaction back itself; the ROLLBACK that sqlx then sends fails ("no
+            // transaction is active") and sqlx keeps counting the transaction as open, so
+            // every later BEGIN on that connection would fail until a restart. The pool
+            // pings a connection on its return, which flushes that queued ROLLBACK, so
+            // here the count is final: a connection that still claims a transaction is
+            // closed and a fresh one takes its place.
+            .before_acquire(|conn, _meta| {
+                Box::pin(async move {
+                    use sqlx::TransactionManager;
+                    let depth = sqlx::sqlite::SqliteTransactionManager::get_transaction_depth(conn);
+                    if depth > 0 {
+                        tracing::warn!(
+                            depth,
+                            "writer connection left inside a failed transaction; reopening it"
+                        );
+                    }
+                    Ok(depth == 0)
+                })
+            })
             .connect_with(opts.clone())
             .await?;
         let pool = SqlitePoolOptions::new()
@@ -178,6 +199,14 @@ impl Store for SqliteStore {
 
     async fn ping(&self) -> Result<()> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
+        // Through the writer, and a real write: a database that can be read but not
+        // written (a full disk) is not ready.
+        sqlx::query(
+            "INSERT INTO server_values (name, value) VALUES ('readyz-probe', '') \
+             ON CONFLICT (name) DO UPDATE SET value = ''",
+        )
+        .execute(&self.write)
+        .await?;
         Ok(())
     }
 

@@ -5,8 +5,11 @@
 //!   the requests it saw, so a test can prove a blocked URL was never requested.
 //! - [`samples`]: the bundled sample photos and small synthetic images.
 //! - [`Api`]: a typed-enough client for the task API that polls until a task is done.
+//! - [`tmpfs::Tmpfs`]: a small real filesystem to run out of disk on.
 //!
 //! Nothing here talks to anything but loopback.
+
+pub mod tmpfs;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
