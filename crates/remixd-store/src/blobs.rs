@@ -106,6 +106,15 @@ impl Blobs {
         Err(BlobError::Unsupported(url.to_string()))
     }
 
+    /// Storage on any `object_store` backend (tests wrap one to make it slow or fail).
+    pub fn from_object_store(inner: Arc<dyn ObjectStore>, describe: &str) -> Self {
+        Self {
+            inner,
+            describe: describe.to_string(),
+            local: None,
+        }
+    }
+
     pub async fn put(&self, key: &str, bytes: Bytes) -> Result<(), BlobError> {
         self.inner.put(&path(key)?, PutPayload::from(bytes)).await?;
         Ok(())
@@ -190,6 +199,20 @@ impl Blobs {
         }
         self.prune_dirs(prefix, true).await;
         Ok(())
+    }
+
+    /// The names of the "directories" directly under `prefix` (`results` → task ids).
+    pub async fn list_dirs(&self, prefix: &str) -> Result<Vec<String>, BlobError> {
+        let listing = match self.inner.list_with_delimiter(Some(&path(prefix)?)).await {
+            Ok(l) => l,
+            Err(object_store::Error::NotFound { .. }) => return Ok(Vec::new()),
+            Err(e) => return Err(e.into()),
+        };
+        Ok(listing
+            .common_prefixes
+            .iter()
+            .filter_map(|p| p.filename().map(str::to_string))
+            .collect())
     }
 
     /// Writes and reads back a small probe object, for `/readyz`.

@@ -92,6 +92,46 @@ where
     release_and_retry_delay(&*make().await).await;
     callback_outbox(&*make().await).await;
     idempotency_keys(make().await).await;
+    retention_rows(&*make().await).await;
+}
+
+/// Old terminal tasks are listed first and deleted after (files before rows); live
+/// tasks are never deleted; `tasks_by_ids` finds what exists.
+pub async fn retention_rows(s: &dyn Store) {
+    let (acct, key) = account_with_key(s, "ret", 1000, KeyLimits::default()).await;
+    let old_done = new_task(&acct, &key, 10, 100);
+    let old_live = new_task(&acct, &key, 10, 110);
+    let new_done = new_task(&acct, &key, 10, 5_000);
+    for t in [&old_done, &old_live, &new_done] {
+        s.create_task(t.clone()).await.unwrap();
+    }
+    for t in [&old_done, &new_done] {
+        s.fail(&t.id, None, FailCode::Cancelled, "x", 200)
+            .await
+            .unwrap();
+    }
+    let old = s.old_tasks(1_000, 10).await.unwrap();
+    assert_eq!(
+        old,
+        vec![old_done.id],
+        "only terminal tasks created before the cut"
+    );
+    // Listing deletes nothing.
+    assert!(s.task(&old_done.id).await.unwrap().is_some());
+    let found = s
+        .tasks_by_ids(&[old_done.id, old_live.id, TaskId::new()])
+        .await
+        .unwrap();
+    let mut ids: Vec<_> = found.iter().map(|t| t.id).collect();
+    ids.sort();
+    let mut want = vec![old_done.id, old_live.id];
+    want.sort();
+    assert_eq!(ids, want);
+    // A live task is never deleted, even when asked.
+    s.delete_tasks(&[old_done.id, old_live.id]).await.unwrap();
+    assert!(s.task(&old_done.id).await.unwrap().is_none());
+    assert!(s.task(&old_live.id).await.unwrap().is_some());
+    assert!(s.old_tasks(1_000, 10).await.unwrap().is_empty());
 }
 
 pub async fn reservation_and_refund(s: &dyn Store) {
@@ -479,6 +519,12 @@ pub async fn callback_outbox(s: &dyn Store) {
     assert!(!s.redeliver("msg_nope", 1200).await.unwrap());
     let c = s.claim_deliveries("c", 1200, 3000, 10).await.unwrap();
     assert_eq!((c.len(), c[0].attempts), (1, 0));
+    // While that attempt holds its lease, a second redeliver must not clear it (two
+    // attempts would run at once); once the lease has lapsed it may.
+    match s.redeliver(&d.id, 1250).await {
+        Err(crate::StoreError::Busy(msg)) => assert!(msg.contains("in flight"), "{msg}"),
+        other => panic!("redeliver during an attempt: {other:?}"),
+    }
     assert!(s
         .record_attempt(
             &d.id,

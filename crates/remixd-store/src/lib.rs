@@ -45,6 +45,9 @@ pub enum StoreError {
     NotFound(String),
     #[error("{0} already exists")]
     Conflict(String),
+    /// Work in flight holds the row; the message says what and for how long.
+    #[error("{0}")]
+    Busy(String),
     #[error("corrupt record: {0}")]
     Corrupt(String),
     #[error("unsupported database URL {0:?}")]
@@ -222,6 +225,9 @@ pub struct ReapReport {
     pub requeued: Vec<TaskId>,
     /// Tasks whose lease expired with no attempts left; failed with `500` and refunded.
     pub failed: Vec<TaskId>,
+    /// Expired rows that could not be handled (a corrupt id, say): the raw id and the
+    /// error. They stay as they are; the rest of the pass is not held up by them.
+    pub skipped: Vec<(String, String)>,
 }
 
 /// How a terminal transition went.
@@ -446,6 +452,8 @@ pub trait Store: Send + Sync + 'static {
         limit: i64,
     ) -> Result<Vec<DeliveryRecord>>;
     /// Puts a delivery back in the queue for an attempt now (operators); false if unknown.
+    /// A delivery with an attempt in flight (its lease not yet expired) is left alone:
+    /// [`StoreError::Busy`], so two attempts never run at once.
     async fn redeliver(&self, id: &str, now: Millis) -> Result<bool>;
     /// The deliveries of one task (tests, operators).
     async fn deliveries_of(&self, task_id: &TaskId) -> Result<Vec<DeliveryRecord>>;
@@ -461,9 +469,14 @@ pub trait Store: Send + Sync + 'static {
     /// Uploads that expired before `now`.
     async fn uploads_due(&self, now: Millis, limit: i64) -> Result<Vec<String>>;
     async fn delete_uploads(&self, keys: &[String]) -> Result<()>;
-    /// Deletes terminal tasks created before `before`, with their deliveries and
-    /// idempotency keys; returns their ids (their files may still need deleting).
-    async fn delete_old_tasks(&self, before: Millis, limit: i64) -> Result<Vec<TaskId>>;
+    /// Up to `limit` terminal tasks created before `before`, oldest first. The sweeper
+    /// deletes their files, then [`Store::delete_tasks`] their rows: files before rows,
+    /// so a crash in between leaves rows that point at nothing, never lost files.
+    async fn old_tasks(&self, before: Millis, limit: i64) -> Result<Vec<TaskId>>;
+    /// Deletes these tasks (terminal ones only) with their deliveries and idempotency keys.
+    async fn delete_tasks(&self, ids: &[TaskId]) -> Result<()>;
+    /// The tasks among `ids` that exist, by id alone (the orphan-file sweep).
+    async fn tasks_by_ids(&self, ids: &[TaskId]) -> Result<Vec<TaskRecord>>;
     /// Forgets idempotency keys recorded before `before`.
     async fn delete_old_idempotency_keys(&self, before: Millis) -> Result<u64>;
     /// A server-wide value, created with `make` by the first caller (all nodes agree).

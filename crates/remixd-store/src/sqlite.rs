@@ -53,14 +53,36 @@ impl SqliteStore {
             .strip_prefix("sqlite://")
             .or_else(|| url.strip_prefix("sqlite:"))
             .ok_or_else(|| StoreError::Unsupported(url.to_string()))?;
+        let io = |what: &str, e: std::io::Error| {
+            StoreError::Database(sqlx::Error::Io(std::io::Error::new(
+                e.kind(),
+                format!("cannot create {what}: {e}"),
+            )))
+        };
         if let Some(parent) = std::path::Path::new(path).parent() {
             if !parent.as_os_str().is_empty() {
-                std::fs::create_dir_all(parent).map_err(|e| {
-                    StoreError::Database(sqlx::Error::Io(std::io::Error::new(
-                        e.kind(),
-                        format!("cannot create {}: {e}", parent.display()),
-                    )))
-                })?;
+                use std::os::unix::fs::DirBuilderExt;
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(parent)
+                    .map_err(|e| io(&parent.display().to_string(), e))?;
+            }
+        }
+        // The database holds key hashes, webhook secrets and every task's inputs: only
+        // remixd's own user may read it. SQLite gives its -wal and -shm files the mode
+        // of the database file, so creating that one 0600 covers all three.
+        if path != ":memory:" && !std::path::Path::new(path).exists() {
+            use std::os::unix::fs::OpenOptionsExt;
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+            {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(io(path, e)),
             }
         }
         let opts = SqliteConnectOptions::from_str(&format!("sqlite://{path}"))?
@@ -653,26 +675,33 @@ impl Store for SqliteStore {
         .await?;
         let mut report = ReapReport::default();
         for (id, state, fetch_attempts, attempts) in expired {
-            let task_id: TaskId = id.parse().map_err(|_| corrupt(format!("task id {id:?}")))?;
-            let (spent, what) = if state == "waiting" {
-                (fetch_attempts, "fetching its inputs")
-            } else {
-                (attempts, "generating")
-            };
-            if spent >= max_attempts {
-                let msg = format!("the worker was lost while {what}, {spent} times; giving up");
-                fail_in_tx(&mut tx, &task_id, FailCode::Internal, &msg, now).await?;
-                report.failed.push(task_id);
-            } else {
-                sqlx::query(
-                    "UPDATE tasks SET state = CASE state WHEN 'generating' THEN 'queuing' ELSE state END, \
-                     lease_owner = NULL, lease_until = NULL, progress = 0, update_time = ? WHERE id = ?",
-                )
-                .bind(now)
-                .bind(&id)
-                .execute(&mut *tx)
-                .await?;
-                report.requeued.push(task_id);
+            // Each row under its own savepoint: one row that cannot be handled is
+            // reported and left for the next pass, and the others still go back to
+            // their queue.
+            let mut row = sqlx::Connection::begin(&mut *tx).await?;
+            match reap_one(
+                &mut row,
+                &id,
+                &state,
+                fetch_attempts,
+                attempts,
+                now,
+                max_attempts,
+            )
+            .await
+            {
+                Ok(Reaped::Requeued(t)) => {
+                    row.commit().await?;
+                    report.requeued.push(t);
+                }
+                Ok(Reaped::Failed(t)) => {
+                    row.commit().await?;
+                    report.failed.push(t);
+                }
+                Err(e) => {
+                    row.rollback().await?;
+                    report.skipped.push((id, e.to_string()));
+                }
             }
         }
         tx.commit().await?;
@@ -806,14 +835,30 @@ impl Store for SqliteStore {
     async fn redeliver(&self, id: &str, now: Millis) -> Result<bool> {
         let done = sqlx::query(
             "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt = ?, lease_owner = NULL, \
-             lease_until = NULL, complete_time = NULL, update_time = ? WHERE id = ?",
+             lease_until = NULL, complete_time = NULL, update_time = ? \
+             WHERE id = ? AND (lease_owner IS NULL OR lease_until < ?)",
         )
         .bind(now)
         .bind(now)
         .bind(id)
+        .bind(now)
         .execute(&self.write)
         .await?;
-        Ok(done.rows_affected() == 1)
+        if done.rows_affected() == 1 {
+            return Ok(true);
+        }
+        let leased: Option<Option<i64>> =
+            sqlx::query_scalar("SELECT lease_until FROM deliveries WHERE id = ?")
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?;
+        match leased {
+            None => Ok(false),
+            Some(until) => Err(StoreError::Busy(format!(
+                "an attempt of delivery {id} is in flight (its lease ends in {} s); try again then",
+                (until.unwrap_or(now) - now).max(0) / 1000 + 1
+            ))),
+        }
     }
 
     async fn deliveries_of(&self, task_id: &TaskId) -> Result<Vec<DeliveryRecord>> {
@@ -905,28 +950,67 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    async fn delete_old_tasks(&self, before: Millis, limit: i64) -> Result<Vec<TaskId>> {
-        let mut tx = self.begin().await?;
+    async fn old_tasks(&self, before: Millis, limit: i64) -> Result<Vec<TaskId>> {
         let ids: Vec<String> = sqlx::query_scalar(
             "SELECT id FROM tasks WHERE create_time < ? AND state IN ('success', 'fail') ORDER BY create_time LIMIT ?",
         )
         .bind(before)
         .bind(limit)
-        .fetch_all(&mut *tx)
+        .fetch_all(&self.pool)
         .await?;
-        for id in &ids {
+        // A row whose id does not parse is skipped (and logged), not fatal to the sweep.
+        Ok(ids
+            .iter()
+            .filter_map(|id| match id.parse() {
+                Ok(t) => Some(t),
+                Err(_) => {
+                    tracing::warn!(id = %id, "skipping a task row with a corrupt id");
+                    None
+                }
+            })
+            .collect())
+    }
+
+    async fn delete_tasks(&self, ids: &[TaskId]) -> Result<()> {
+        let mut tx = self.begin().await?;
+        for id in ids {
+            let id = id.to_string();
+            let terminal: Option<i64> = sqlx::query_scalar(
+                "SELECT 1 FROM tasks WHERE id = ? AND state IN ('success', 'fail')",
+            )
+            .bind(&id)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if terminal.is_none() {
+                continue;
+            }
             for sql in [
                 "DELETE FROM deliveries WHERE task_id = ?",
                 "DELETE FROM idempotency_keys WHERE task_id = ?",
                 "DELETE FROM tasks WHERE id = ?",
             ] {
-                sqlx::query(sql).bind(id).execute(&mut *tx).await?;
+                sqlx::query(sql).bind(&id).execute(&mut *tx).await?;
             }
         }
         tx.commit().await?;
-        ids.iter()
-            .map(|id| id.parse().map_err(|_| corrupt(format!("task id {id:?}"))))
-            .collect()
+        Ok(())
+    }
+
+    async fn tasks_by_ids(&self, ids: &[TaskId]) -> Result<Vec<TaskRecord>> {
+        let mut out = Vec::with_capacity(ids.len());
+        // SQLite's bound-parameter limit is far above this; chunks keep statements small.
+        for chunk in ids.chunks(200) {
+            let marks = vec!["?"; chunk.len()].join(", ");
+            let sql = format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id IN ({marks})");
+            let mut q = sqlx::query(&sql);
+            for id in chunk {
+                q = q.bind(id.to_string());
+            }
+            for row in q.fetch_all(&self.pool).await? {
+                out.push(task_from_row(&row)?);
+            }
+        }
+        Ok(out)
     }
 
     async fn delete_old_idempotency_keys(&self, before: Millis) -> Result<u64> {
@@ -958,10 +1042,47 @@ impl Store for SqliteStore {
     }
 }
 
+enum Reaped {
+    Requeued(TaskId),
+    Failed(TaskId),
+}
+
+/// The reaper's work on one expired row, inside the caller's savepoint.
+async fn reap_one(
+    tx: &mut sqlx::SqliteConnection,
+    id: &str,
+    state: &str,
+    fetch_attempts: i64,
+    attempts: i64,
+    now: Millis,
+    max_attempts: i64,
+) -> Result<Reaped> {
+    let task_id: TaskId = id.parse().map_err(|_| corrupt(format!("task id {id:?}")))?;
+    let (spent, what) = if state == "waiting" {
+        (fetch_attempts, "fetching its inputs")
+    } else {
+        (attempts, "generating")
+    };
+    if spent >= max_attempts {
+        let msg = format!("the worker was lost while {what}, {spent} times; giving up");
+        fail_in_tx(tx, &task_id, FailCode::Internal, &msg, now).await?;
+        return Ok(Reaped::Failed(task_id));
+    }
+    sqlx::query(
+        "UPDATE tasks SET state = CASE state WHEN 'generating' THEN 'queuing' ELSE state END, \
+         lease_owner = NULL, lease_until = NULL, progress = 0, update_time = ? WHERE id = ?",
+    )
+    .bind(now)
+    .bind(id)
+    .execute(&mut *tx)
+    .await?;
+    Ok(Reaped::Requeued(task_id))
+}
+
 /// Moves a live task to `fail` and refunds what it had consumed, inside the caller's
 /// transaction. The caller has checked that the task is live.
 async fn fail_in_tx(
-    tx: &mut sqlx::Transaction<'static, sqlx::Sqlite>,
+    tx: &mut sqlx::SqliteConnection,
     id: &TaskId,
     code: FailCode,
     msg: &str,
@@ -971,7 +1092,7 @@ async fn fail_in_tx(
         "SELECT account_id, credits_consumed FROM tasks WHERE id = ? AND state NOT IN ('success', 'fail')",
     )
     .bind(id.to_string())
-    .fetch_one(&mut **tx)
+    .fetch_one(&mut *tx)
     .await?;
     sqlx::query(
         "UPDATE tasks SET state = 'fail', fail_code = ?, fail_msg = ?, credits_consumed = 0, \
@@ -985,12 +1106,12 @@ async fn fail_in_tx(
     .bind(now)
     .bind(now)
     .bind(id.to_string())
-    .execute(&mut **tx)
+    .execute(&mut *tx)
     .await?;
     sqlx::query("UPDATE accounts SET credits = credits + ? WHERE id = ?")
         .bind(refund)
         .bind(&account_id)
-        .execute(&mut **tx)
+        .execute(&mut *tx)
         .await?;
     enqueue_callback_in_tx(tx, id, now).await?;
     Ok(refund)
@@ -999,7 +1120,7 @@ async fn fail_in_tx(
 /// Records the callback of a task that just became terminal, in the same transaction,
 /// when the task has a callback URL. The balance is read after any refund.
 async fn enqueue_callback_in_tx(
-    tx: &mut sqlx::Transaction<'static, sqlx::Sqlite>,
+    tx: &mut sqlx::SqliteConnection,
     id: &TaskId,
     now: Millis,
 ) -> Result<()> {
@@ -1013,7 +1134,7 @@ async fn enqueue_callback_in_tx(
     .bind(now)
     .bind(now)
     .bind(id.to_string())
-    .execute(&mut **tx)
+    .execute(&mut *tx)
     .await?;
     Ok(())
 }

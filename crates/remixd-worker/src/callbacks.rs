@@ -363,11 +363,14 @@ mod tests {
 
     #[test]
     fn the_schedule_grows_then_gives_up() {
+        // API.md §4, written out here rather than read from the constant under test.
+        const CONTRACT_S: [u64; 9] = [5, 30, 120, 600, 1800, 3600, 7200, 14400, 28800];
+        assert_eq!(DEFAULT_SCHEDULE_S, CONTRACT_S);
         let s: Vec<_> = DEFAULT_SCHEDULE_S
             .iter()
             .map(|s| Duration::from_secs(*s))
             .collect();
-        for (done, want_s) in DEFAULT_SCHEDULE_S.iter().enumerate() {
+        for (done, want_s) in CONTRACT_S.iter().enumerate() {
             let at = next_attempt(&s, done as i64 + 1, 0).unwrap() as f64 / 1000.0;
             let want = *want_s as f64;
             assert!(
@@ -381,7 +384,7 @@ mod tests {
             None,
             "ten attempts in all, then give up"
         );
-        let total: u64 = DEFAULT_SCHEDULE_S.iter().sum();
+        let total: u64 = CONTRACT_S.iter().sum();
         assert!((15 * 3600..17 * 3600).contains(&total), "about 16 h in all");
     }
 

@@ -36,9 +36,15 @@ pub(crate) async fn run_one(ctx: &Arc<Ctx>) -> Result<bool, StoreError> {
     let owner = ctx.cfg.owner.clone();
     tracing::info!(task = %id, attempt = task.attempts, engine = ctx.engine.name(), "generating");
 
-    let done = CancellationToken::new();
     let lost = CancellationToken::new();
-    spawn_heartbeat(ctx, id, done.clone(), lost.clone());
+    // The lease is kept until this function returns, past the engine: storing the
+    // results can take a while (a slow disk or bucket), and a task whose lease lapsed
+    // meanwhile would be handed to another worker while this one still writes.
+    let holding = CancellationToken::new();
+    let _heartbeat = holding.clone().drop_guard();
+    spawn_heartbeat(ctx, id, holding, lost.clone());
+    // Ends with the engine's run: the stopper and the progress writer.
+    let done = CancellationToken::new();
     // A cancellation marks the task failed in the store; to this worker it is a lost lease.
     let _tracked = ctx.wake.track(task.id, lost.clone());
     // The engine stops when the lease is lost or shutdown runs out of grace.
@@ -166,7 +172,7 @@ async fn retry_or_fail(
             .delete_prefix(&format!("inputs/{}", task.id))
             .await;
     } else {
-        let later = now_millis() + ctx.cfg.retry_delay.as_millis() as i64 * task.attempts;
+        let later = crate::backoff::retry_at(now_millis(), ctx.cfg.retry_delay, task.attempts);
         ctx.store
             .release(&task.id, &ctx.cfg.owner, later, true, now_millis())
             .await?;

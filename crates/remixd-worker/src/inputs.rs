@@ -127,7 +127,11 @@ pub(crate) async fn run_one(ctx: &Arc<Ctx>) -> Result<bool, remixd_store::StoreE
                     .await?;
                 ctx.wake.task_finished();
             } else {
-                let later = now_millis() + ctx.cfg.retry_delay.as_millis() as i64;
+                let later = crate::backoff::retry_at(
+                    now_millis(),
+                    ctx.cfg.retry_delay,
+                    task.fetch_attempts,
+                );
                 ctx.store
                     .release(&id, &ctx.cfg.owner, later, true, now_millis())
                     .await?;

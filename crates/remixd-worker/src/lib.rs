@@ -19,6 +19,7 @@
 //! finish, after which the engine is cancelled and the task released, uncharged, for
 //! the next worker.
 
+mod backoff;
 pub mod callbacks;
 mod generate;
 mod inputs;
@@ -31,11 +32,12 @@ use std::time::Duration;
 use remixd_domain::{now_millis, TaskId};
 use remixd_engine::Engine;
 use remixd_fetch::Fetcher;
-use remixd_store::{Blobs, Store};
+use remixd_store::{Blobs, SpaceGuard, Store};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use backoff::{Backoff, MAX_LOOP_PAUSE};
 pub use generate::result_json;
 
 /// How a worker process behaves. Defaults suit production; tests shorten the times.
@@ -146,6 +148,9 @@ pub(crate) struct Ctx {
     pub wake: Wakeup,
     /// Fires `shutdown_grace` after shutdown began: work in hand must stop now.
     pub hard_stop: CancellationToken,
+    /// While storage is under its free-space minimum, no new work is claimed: it would
+    /// only fail to store its inputs or results. Queued tasks wait, nothing is lost.
+    pub space: SpaceGuard,
 }
 
 /// The worker side of a remixd process.
@@ -170,8 +175,17 @@ impl Worker {
             cfg,
             wake,
             hard_stop: CancellationToken::new(),
+            space: SpaceGuard::default(),
         };
         Self { ctx: Arc::new(ctx) }
+    }
+
+    /// Pauses claiming while storage is under its free-space minimum.
+    pub fn with_space(mut self, space: SpaceGuard) -> Self {
+        Arc::get_mut(&mut self.ctx)
+            .expect("the worker is not started yet")
+            .space = space;
+        self
     }
 
     /// Starts every loop on `tracker`. They stop claiming when `shutdown` fires and
@@ -208,19 +222,38 @@ async fn stage_loop(ctx: Arc<Ctx>, stage: Stage, shutdown: CancellationToken) {
         Stage::Fetch => ctx.wake.fetch.clone(),
         Stage::Generate => ctx.wake.generate.clone(),
     };
+    let mut backoff = Backoff::new(ctx.cfg.poll_interval, MAX_LOOP_PAUSE);
     while !shutdown.is_cancelled() {
-        let worked = match stage {
-            Stage::Fetch => inputs::run_one(&ctx).await,
-            Stage::Generate => generate::run_one(&ctx).await,
+        let worked = match ctx.space.check() {
+            Err(e) => Err(format!("not claiming work: {e}")),
+            Ok(()) => match stage {
+                Stage::Fetch => inputs::run_one(&ctx).await,
+                Stage::Generate => generate::run_one(&ctx).await,
+            }
+            .map_err(|e| e.to_string()),
         };
-        match worked {
-            Ok(true) => continue,
-            Ok(false) => {}
-            Err(e) => tracing::warn!(?stage, error = %e, "claim failed; backing off"),
-        }
+        let pause = match worked {
+            Ok(true) => {
+                backoff.reset();
+                continue;
+            }
+            Ok(false) => {
+                backoff.reset();
+                ctx.cfg.poll_interval
+            }
+            Err(e) => {
+                let pause = backoff.fail();
+                // Once when the trouble starts, then at every tenth failure.
+                if backoff.failures() % 10 == 1 {
+                    tracing::warn!(?stage, error = %e, failures = backoff.failures(), pause_ms = pause.as_millis() as u64, "backing off");
+                }
+                pause
+            }
+        };
         tokio::select! {
-            _ = notify.notified() => {}
-            _ = tokio::time::sleep(ctx.cfg.poll_interval) => {}
+            // A wake-up is only worth taking when the last round went well.
+            _ = notify.notified(), if backoff.failures() == 0 => {}
+            _ = tokio::time::sleep(pause) => {}
             _ = shutdown.cancelled() => {}
         }
     }
@@ -228,11 +261,16 @@ async fn stage_loop(ctx: Arc<Ctx>, stage: Stage, shutdown: CancellationToken) {
 
 async fn reaper(ctx: Arc<Ctx>, shutdown: CancellationToken) {
     let every = (ctx.cfg.lease / 3).max(Duration::from_millis(50));
+    let mut backoff = Backoff::new(every, MAX_LOOP_PAUSE.max(every));
     loop {
-        match ctx.store.reap(now_millis(), ctx.cfg.max_attempts).await {
+        let pause = match ctx.store.reap(now_millis(), ctx.cfg.max_attempts).await {
             Ok(r) => {
+                backoff.reset();
                 for id in &r.requeued {
                     tracing::warn!(task = %id, "lease lapsed; task returned to its queue");
+                }
+                for (id, e) in &r.skipped {
+                    tracing::error!(task = %id, error = %e, "reaper skipped a task row it cannot handle");
                 }
                 if !r.failed.is_empty() {
                     ctx.wake.task_finished();
@@ -250,11 +288,16 @@ async fn reaper(ctx: Arc<Ctx>, shutdown: CancellationToken) {
                     ctx.wake.task_created();
                     ctx.wake.inputs_ready();
                 }
+                every
             }
-            Err(e) => tracing::warn!(error = %e, "reaper pass failed"),
-        }
+            Err(e) => {
+                let pause = backoff.fail();
+                tracing::warn!(error = %e, pause_ms = pause.as_millis() as u64, "reaper pass failed; backing off");
+                pause
+            }
+        };
         tokio::select! {
-            _ = tokio::time::sleep(every) => {}
+            _ = tokio::time::sleep(pause) => {}
             _ = shutdown.cancelled() => return,
         }
     }
