@@ -69,6 +69,9 @@ pub enum ApiError {
     KeyLimit { msg: String, retry_after_s: u64 },
     #[error("the service is in maintenance; task creation is paused")]
     Maintenance,
+    /// The server cannot take the request now (its storage is full); nothing was stored.
+    #[error("{0}")]
+    Unavailable(String),
     #[error("internal error")]
     Internal(String),
     #[error("{0}")]
@@ -81,6 +84,11 @@ pub struct IsEnvelopeError;
 
 /// Seconds clients should wait after a 455 before trying again.
 const MAINTENANCE_RETRY_AFTER_S: u64 = 60;
+/// Seconds clients should wait when the server's storage is full.
+const STORAGE_FULL_RETRY_AFTER_S: u64 = 30;
+
+/// The answer while the disk is full: the client did nothing wrong and may retry.
+pub const STORAGE_FULL: &str = "the server's storage is full; nothing was stored, try again later";
 
 impl ApiError {
     pub fn validation(msg: impl Into<String>) -> Self {
@@ -100,7 +108,7 @@ impl ApiError {
             ApiError::Validation(_) => 422,
             ApiError::RateLimited { .. } => 429,
             ApiError::KeyLimit { .. } => 433,
-            ApiError::Maintenance => 455,
+            ApiError::Maintenance | ApiError::Unavailable(_) => 455,
             ApiError::Internal(_) => 500,
             ApiError::Disabled(_) => 505,
         }
@@ -111,6 +119,7 @@ impl ApiError {
             ApiError::RateLimited { retry_after_s, .. }
             | ApiError::KeyLimit { retry_after_s, .. } => Some((*retry_after_s).max(1)),
             ApiError::Maintenance => Some(MAINTENANCE_RETRY_AFTER_S),
+            ApiError::Unavailable(_) => Some(STORAGE_FULL_RETRY_AFTER_S),
             _ => None,
         }
     }
@@ -151,7 +160,13 @@ impl IntoResponse for ApiError {
 
 impl From<remixd_store::StoreError> for ApiError {
     fn from(e: remixd_store::StoreError) -> Self {
-        ApiError::Internal(e.to_string())
+        match e {
+            remixd_store::StoreError::Full(detail) => {
+                tracing::warn!(error = %detail, "storage full");
+                ApiError::Unavailable(STORAGE_FULL.into())
+            }
+            e => ApiError::Internal(e.to_string()),
+        }
     }
 }
 
@@ -190,6 +205,7 @@ mod tests {
                 retry_after_s: 3600,
             },
             ApiError::Maintenance,
+            ApiError::from(remixd_store::StoreError::Full("disk".into())),
         ] {
             let r = e.into_response();
             assert!(matches!(r.status().as_u16(), 429 | 503));

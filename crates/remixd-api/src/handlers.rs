@@ -93,6 +93,7 @@ pub async fn create_task(
     if state.cfg.maintenance {
         return Err(ApiError::Maintenance);
     }
+    state.check_space()?;
     state
         .limits
         .check_create(&caller.account_id)
@@ -251,10 +252,36 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
         state.blobs.probe(),
         state.engine.ready()
     );
+    // Details (which may hold paths) go to the log; the answer says what is wrong.
+    let db = db.map_err(|e| {
+        tracing::warn!(error = %e, "readyz: database");
+        match e {
+            remixd_store::StoreError::Full(_) => "cannot write: the disk is full".to_string(),
+            _ => "cannot read or write".to_string(),
+        }
+    });
+    let files = files.map_err(|e| {
+        tracing::warn!(error = %e, "readyz: storage");
+        if e.is_full() {
+            "cannot write: the disk is full".to_string()
+        } else {
+            "cannot write or read back a file".to_string()
+        }
+    });
+    // Under the free-space minimum is not ready either, even while writes still work.
+    let (db, files) = match state.space.check() {
+        Err(
+            e @ remixd_store::SpaceError::Low {
+                what: "database", ..
+            },
+        ) => (db.and(Err(e.to_string())), files),
+        Err(e) => (db, files.and(Err(e.to_string()))),
+        Ok(()) => (db, files),
+    };
     let word = |r: Result<(), String>| r.err().unwrap_or_else(|| "ok".into());
     let r = Readiness {
-        database: word(db.map_err(|e| e.to_string())),
-        storage: word(files.map_err(|e| e.to_string())),
+        database: word(db),
+        storage: word(files),
         engine: word(engine.map_err(|e| e.to_string())),
     };
     let ready = r.database == "ok" && r.storage == "ok" && r.engine == "ok";

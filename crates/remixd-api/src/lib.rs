@@ -118,6 +118,8 @@ pub struct AppState {
     pub cfg: ApiConfig,
     pub limits: Limits,
     pub hooks: Hooks,
+    /// Free space of the database's and the files' filesystems (off unless set).
+    pub space: remixd_store::SpaceGuard,
 }
 
 impl AppState {
@@ -138,7 +140,23 @@ impl AppState {
             cfg,
             limits,
             hooks,
+            space: remixd_store::SpaceGuard::default(),
         }
+    }
+
+    /// Refuses writes (tasks, uploads) while storage is under its free-space minimum.
+    pub fn with_space(mut self, space: remixd_store::SpaceGuard) -> Self {
+        self.space = space;
+        self
+    }
+
+    /// 455 while the storage is under its free-space minimum: accepting work now would
+    /// only fail it later.
+    pub(crate) fn check_space(&self) -> Result<(), ApiError> {
+        self.space.check().map_err(|e| {
+            tracing::warn!(reason = %e, "refusing a write: storage is low");
+            ApiError::Unavailable(crate::error::STORAGE_FULL.into())
+        })
     }
 
     /// 505 when the operator switched this endpoint off.

@@ -91,6 +91,27 @@ pub fn build_engine(settings: &Settings) -> anyhow::Result<Arc<dyn Engine>> {
     }
 }
 
+/// The free-space check over the database's directory and, for storage on the local
+/// disk, the files' directory (`storage.min_free_mb`).
+fn space_guard(settings: &Settings, blobs: &Blobs) -> remixd_store::SpaceGuard {
+    let mut dirs = Vec::new();
+    let db = settings.database_url();
+    if let Some(path) = db
+        .strip_prefix("sqlite://")
+        .or_else(|| db.strip_prefix("sqlite:"))
+    {
+        let parent = Path::new(path)
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        dirs.push(("database", parent.to_path_buf()));
+    }
+    if let Some(files) = blobs.local_dir() {
+        dirs.push(("files", files.to_path_buf()));
+    }
+    remixd_store::SpaceGuard::new(dirs, settings.storage.min_free_mb.saturating_mul(1_000_000))
+}
+
 /// On an empty database: the `default` account with its key, written to
 /// `<data_dir>/default.key` (mode 0600). Returns the key when one was made.
 pub async fn first_start(store: &dyn Store, data_dir: &Path) -> anyhow::Result<Option<String>> {
@@ -120,6 +141,9 @@ fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
         .truncate(true)
         .mode(0o600)
         .open(path)?;
+    // The mode above applies only when the file is created; an older file is narrowed too.
+    use std::os::unix::fs::PermissionsExt;
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
     f.write_all(contents.as_bytes())
 }
 
@@ -151,6 +175,7 @@ pub async fn launch_with_listener(
         println!("{key}");
     }
     let blobs = Blobs::open(&settings.storage_url()).context("opening file storage")?;
+    let space = space_guard(&settings, &blobs);
     let engine = build_engine(&settings)?;
     let fetcher = Fetcher::new(FetchConfig {
         allow: settings.fetch.allow.clone(),
@@ -192,6 +217,7 @@ pub async fn launch_with_listener(
             cfg,
             wake.clone(),
         )
+        .with_space(space.clone())
         .spawn(&tracker, shutdown.clone());
         let c = &settings.callbacks;
         let cb = CallbackConfig {
@@ -210,6 +236,7 @@ pub async fn launch_with_listener(
             results: Duration::from_secs_f64(r.results_days * 86_400.0),
             tasks: Duration::from_secs_f64(r.tasks_days * 86_400.0),
             every: Duration::from_secs_f64(r.sweep_interval_s),
+            orphans_every: Duration::from_secs_f64(r.orphans_interval_s),
         };
         remixd_worker::retention::spawn(
             store.clone(),
@@ -249,14 +276,17 @@ pub async fn launch_with_listener(
             cancelled: Arc::new(move |id| w2.task_cancelled(id)),
         }
     };
-    let state = Arc::new(AppState::new(
-        store.clone(),
-        blobs,
-        engine.clone(),
-        fetcher.clone(),
-        api_cfg,
-        hooks,
-    ));
+    let state = Arc::new(
+        AppState::new(
+            store.clone(),
+            blobs,
+            engine.clone(),
+            fetcher.clone(),
+            api_cfg,
+            hooks,
+        )
+        .with_space(space),
+    );
     let app = match role {
         Role::Worker => remixd_api::health_router(state.clone()),
         _ => remixd_api::router(state.clone()),
