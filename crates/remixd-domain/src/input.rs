@@ -305,6 +305,7 @@ pub struct TaskInput {
 
 /// Credits per image for each rendering speed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct CreditPrices {
     pub turbo: i64,
     pub balanced: i64,

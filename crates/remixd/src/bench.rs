@@ -15,52 +15,74 @@ use crate::demo::{serve_samples, BASE, CHARACTER, MASK};
 use crate::settings::Settings;
 use crate::Role;
 
-/// Prints the preview engine's time per image (render, and PNG encoding apart).
+/// Prints the preview engine's time per image (render, and PNG encoding apart): each
+/// rendering speed with a mask, then the heaviest looks (a style with two style images).
 pub fn preview(size: &str, iterations: u32) -> anyhow::Result<()> {
     use remixd_domain::{ImageSize, NumImages, RenderingSpeed, Seed, Strength, Style};
     let size = ImageSize::parse(size).map_err(|e| anyhow::anyhow!("--size {e}"))?;
     let decode =
         |b: &[u8]| remixd_fetch::decode_rgb(b, 40_000_000).map_err(|e| anyhow::anyhow!("{e}"));
-    for speed in [
-        RenderingSpeed::Turbo,
-        RenderingSpeed::Balanced,
-        RenderingSpeed::Quality,
-    ] {
-        let job = remixd_engine::Job {
+    let job = |speed: RenderingSpeed, style: Style, style_images| -> anyhow::Result<_> {
+        Ok(remixd_engine::Job {
             task_id: "bench".into(),
             base: decode(BASE)?,
             character: decode(CHARACTER)?,
             mask: Some(
                 remixd_fetch::decode_luma(MASK, 40_000_000).map_err(|e| anyhow::anyhow!("{e}"))?,
             ),
-            style_images: vec![],
+            style_images,
             prompt: "bench".into(),
             negative_prompt: String::new(),
             expand_prompt: false,
             size,
             num_images: NumImages::new(1).expect("1 is valid"),
             seed: Seed::new(1).expect("1 is valid"),
-            strength: Strength::new(0.8).expect("0.8 is valid"),
-            style: Style::Auto,
+            strength: Strength::new(0.6).expect("0.6 is valid"),
+            style,
             rendering_speed: speed,
-        };
+        })
+    };
+    let two_styles = || -> anyhow::Result<_> { Ok(vec![decode(BASE)?, decode(CHARACTER)?]) };
+    let cases = [
+        ("TURBO", job(RenderingSpeed::Turbo, Style::Auto, vec![])?),
+        (
+            "BALANCED",
+            job(RenderingSpeed::Balanced, Style::Auto, vec![])?,
+        ),
+        (
+            "QUALITY",
+            job(RenderingSpeed::Quality, Style::Auto, vec![])?,
+        ),
+        (
+            "QUALITY, FICTION, 2 style images",
+            job(RenderingSpeed::Quality, Style::Fiction, two_styles()?)?,
+        ),
+        (
+            "QUALITY, REALISTIC, 2 style images",
+            job(RenderingSpeed::Quality, Style::Realistic, two_styles()?)?,
+        ),
+    ];
+    let (w, h) = size.dimensions();
+    for (name, job) in cases {
         let _ = remixd_engine::preview::render(&job, 0); // warm-up
+        let mut times: Vec<f64> = (0..iterations.max(1))
+            .map(|i| {
+                let t = Instant::now();
+                std::hint::black_box(remixd_engine::preview::render(&job, i));
+                t.elapsed().as_secs_f64() * 1000.0
+            })
+            .collect();
+        times.sort_by(f64::total_cmp);
+        let img = remixd_engine::preview::render(&job, 0);
         let t = Instant::now();
-        let mut img = None;
-        for i in 0..iterations {
-            img = Some(remixd_engine::preview::render(&job, i));
-        }
-        let render_ms = t.elapsed().as_secs_f64() * 1000.0 / iterations as f64;
-        let img = img.context("at least one iteration")?;
-        let t = Instant::now();
-        for _ in 0..iterations {
+        for _ in 0..iterations.max(1) {
             std::hint::black_box(remixd_engine::preview::encode_png(&img));
         }
-        let encode_ms = t.elapsed().as_secs_f64() * 1000.0 / iterations as f64;
-        let (w, h) = size.dimensions();
+        let encode_ms = t.elapsed().as_secs_f64() * 1000.0 / iterations.max(1) as f64;
         println!(
-            "preview {w}x{h} {:<8} render {render_ms:7.2} ms/image   png encode {encode_ms:7.2} ms/image   ({iterations} iterations, one core)",
-            speed.as_str()
+            "preview {w}x{h} {name:<34} render {:7.2} ms/image (median; fastest {:.2})   png encode {encode_ms:7.2} ms/image   ({iterations} iterations, one core)",
+            times[times.len() / 2],
+            times[0]
         );
     }
     Ok(())

@@ -91,12 +91,26 @@ pub struct DatabaseSettings {
     pub url: Option<String>,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StorageSettings {
     /// Defaults to `file://<data_dir>/files`.
     pub url: Option<String>,
     pub s3: S3Settings,
+    /// Below this much free space (MB) on the database's or the files' filesystem, new
+    /// tasks and uploads are refused (455), `/readyz` is not ready and workers pause;
+    /// 0 turns the check off.
+    pub min_free_mb: u64,
+}
+
+impl Default for StorageSettings {
+    fn default() -> Self {
+        Self {
+            url: None,
+            s3: S3Settings::default(),
+            min_free_mb: 128,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -290,6 +304,8 @@ pub struct RetentionSettings {
     pub tasks_days: f64,
     /// Seconds between retention sweeps.
     pub sweep_interval_s: f64,
+    /// Seconds between sweeps for orphaned task files (the first runs at start).
+    pub orphans_interval_s: f64,
 }
 
 impl Default for RetentionSettings {
@@ -299,6 +315,7 @@ impl Default for RetentionSettings {
             uploads_hours: 24.0,
             tasks_days: 60.0,
             sweep_interval_s: 300.0,
+            orphans_interval_s: 3600.0,
         }
     }
 }
@@ -368,7 +385,9 @@ impl Settings {
         })
     }
 
-    /// Checks what serde cannot: values that parse but make no sense.
+    /// Checks what serde cannot: values that parse but make no sense. Every number is
+    /// range-checked here, so nothing downstream meets a negative, NaN or absurd value
+    /// (a negative duration would panic, a negative price would add credits).
     pub fn check(&self) -> anyhow::Result<()> {
         for d in &self.api.disabled {
             anyhow::ensure!(
@@ -377,22 +396,6 @@ impl Settings {
                 remixd_api::ENDPOINTS.join(", ")
             );
         }
-        anyhow::ensure!(
-            self.engine.concurrency >= 1,
-            "engine.concurrency must be at least 1"
-        );
-        anyhow::ensure!(
-            self.limits.max_attempts >= 1,
-            "limits.max_attempts must be at least 1"
-        );
-        anyhow::ensure!(
-            self.worker.lease_ms >= 300,
-            "worker.lease_ms must be at least 300"
-        );
-        anyhow::ensure!(
-            self.fetch.timeout_s >= 1,
-            "fetch.timeout_s must be at least 1"
-        );
         if let Some(u) = &self.server.public_url {
             let parsed =
                 url::Url::parse(u).map_err(|e| anyhow::anyhow!("server.public_url {u:?}: {e}"))?;
@@ -401,8 +404,108 @@ impl Settings {
                 "server.public_url must be http or https"
             );
         }
+        remixd_fetch::AddressPolicy::new(&self.fetch.allow)
+            .map_err(|e| anyhow::anyhow!("fetch.allow: {e}"))?;
+
+        let (e, w) = (&self.engine, &self.worker);
+        within("engine.concurrency", e.concurrency, 1, 64)?;
+        within("engine.preview.delay_ms", e.preview.delay_ms, 0, 3_600_000)?;
+        let l = &e.local;
+        for (key, v) in [
+            ("engine.local.steps_turbo", l.steps_turbo),
+            ("engine.local.steps_balanced", l.steps_balanced),
+            ("engine.local.steps_quality", l.steps_quality),
+        ] {
+            within(key, v, 1, 200)?;
+        }
+        seconds("engine.local.guidance_scale", l.guidance_scale, 0.0, 30.0)?;
+
+        let f = &self.fetch;
+        within("fetch.timeout_s", f.timeout_s, 1, 3600)?;
+        within("fetch.max_image_bytes", f.max_image_bytes, 1024, 1 << 30)?;
+        within("fetch.max_pixels", f.max_pixels, 1, 1_000_000_000)?;
+
+        within(
+            "limits.create_per_10s",
+            self.limits.create_per_10s,
+            1,
+            1_000_000,
+        )?;
+        within("limits.query_per_s", self.limits.query_per_s, 1, 1_000_000)?;
+        within("limits.max_attempts", self.limits.max_attempts, 1, 100)?;
+
+        let c = &self.callbacks;
+        seconds("callbacks.timeout_s", c.timeout_s, 0.1, 600.0)?;
+        within("callbacks.concurrency", c.concurrency, 1, 10_000)?;
+        for (i, ms) in c.retry_schedule_ms.iter().enumerate() {
+            within(
+                &format!("callbacks.retry_schedule_ms[{i}]"),
+                *ms,
+                0,
+                7 * 86_400_000,
+            )?;
+        }
+
+        let r = &self.retention;
+        seconds("retention.results_days", r.results_days, 1e-6, 36_500.0)?;
+        seconds("retention.uploads_hours", r.uploads_hours, 1e-6, 876_000.0)?;
+        seconds("retention.tasks_days", r.tasks_days, 1e-6, 36_500.0)?;
+        seconds(
+            "retention.sweep_interval_s",
+            r.sweep_interval_s,
+            0.01,
+            86_400.0,
+        )?;
+        seconds(
+            "retention.orphans_interval_s",
+            r.orphans_interval_s,
+            0.01,
+            7.0 * 86_400.0,
+        )?;
+
+        let p = &self.credits;
+        for (key, v) in [
+            ("credits.turbo", p.turbo),
+            ("credits.balanced", p.balanced),
+            ("credits.quality", p.quality),
+        ] {
+            within(key, v, 0, 1_000_000)?;
+        }
+
+        within("worker.lease_ms", w.lease_ms, 300, 3_600_000)?;
+        within("worker.poll_ms", w.poll_ms, 10, 60_000)?;
+        within("worker.fetch_concurrency", w.fetch_concurrency, 1, 256)?;
+        within("worker.retry_delay_ms", w.retry_delay_ms, 0, 3_600_000)?;
+        within(
+            "worker.shutdown_grace_ms",
+            w.shutdown_grace_ms,
+            0,
+            3_600_000,
+        )?;
+
+        within(
+            "storage.min_free_mb",
+            self.storage.min_free_mb,
+            0,
+            1_000_000_000,
+        )?;
         Ok(())
     }
+}
+
+/// `key` must lie in `lo..=hi`.
+fn within<T: PartialOrd + std::fmt::Display>(key: &str, v: T, lo: T, hi: T) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        v >= lo && v <= hi,
+        "{key} must be between {lo} and {hi}, not {v}"
+    );
+    Ok(())
+}
+
+/// A real number (a duration, a scale) that must be finite and in `lo..=hi`.
+fn seconds(key: &str, v: f64, lo: f64, hi: f64) -> anyhow::Result<()> {
+    anyhow::ensure!(v.is_finite(), "{key} must be a finite number, not {v}");
+    within(key, v, lo, hi)
 }
 
 #[cfg(test)]
@@ -439,6 +542,57 @@ mod tests {
                 .unwrap_err()
                 .to_string();
             assert!(e.contains("listne"), "{e}");
+            Ok(())
+        });
+    }
+
+    /// Every section refuses unknown keys, and every value out of its range stops the
+    /// start with a sentence naming the key (a negative price would add credits; a
+    /// negative or NaN duration would panic).
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail fixes the closure's error type
+    fn every_section_and_value_is_checked() {
+        figment::Jail::expect_with(|jail| {
+            for (toml, key) in [
+                ("[credits]\nturbo = 5\nturob = 1\n", "turob"),
+                ("[storage]\nmin_free_mbb = 1\n", "min_free_mbb"),
+                ("[retention]\nsweep_intervals = 1\n", "sweep_intervals"),
+            ] {
+                jail.create_file("u.toml", toml)?;
+                let e = Settings::load(Some(Path::new("u.toml")))
+                    .unwrap_err()
+                    .to_string();
+                assert!(e.contains(key), "{toml:?}: {e}");
+            }
+            for (toml, key) in [
+                ("[credits]\nturbo = -12\n", "credits.turbo"),
+                ("[callbacks]\ntimeout_s = -1.0\n", "callbacks.timeout_s"),
+                ("[callbacks]\ntimeout_s = nan\n", "callbacks.timeout_s"),
+                (
+                    "[retention]\nsweep_interval_s = -5.0\n",
+                    "retention.sweep_interval_s",
+                ),
+                (
+                    "[retention]\nresults_days = inf\n",
+                    "retention.results_days",
+                ),
+                ("[retention]\ntasks_days = 0.0\n", "retention.tasks_days"),
+                ("[limits]\nquery_per_s = 0\n", "limits.query_per_s"),
+                ("[worker]\npoll_ms = 0\n", "worker.poll_ms"),
+                ("[fetch]\nmax_image_bytes = 0\n", "fetch.max_image_bytes"),
+                ("[fetch]\nallow = [\"not a cidr/99\"]\n", "fetch.allow"),
+                ("[engine]\nconcurrency = 0\n", "engine.concurrency"),
+                (
+                    "[engine.local]\nguidance_scale = nan\n",
+                    "engine.local.guidance_scale",
+                ),
+            ] {
+                jail.create_file("r.toml", toml)?;
+                let s = Settings::load(Some(Path::new("r.toml"))).expect(toml);
+                let e = s.check().unwrap_err().to_string();
+                assert!(e.starts_with(key), "{toml:?}: {e}");
+            }
+            assert!(Settings::default().check().is_ok());
             Ok(())
         });
     }

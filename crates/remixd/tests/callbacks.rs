@@ -10,7 +10,7 @@ use base64::Engine as _;
 use common::TestServer;
 use hmac::{Hmac, Mac};
 use remixd_domain::TaskId;
-use remixd_store::DeliveryState;
+use remixd_store::{DeliveryRecord, DeliveryState};
 use remixd_testkit::{task_body, ImageServer, Received, Receiver};
 use serde_json::{json, Value};
 use sha2::Sha256;
@@ -50,6 +50,25 @@ fn verify(r: &Received, secret: &str, task_id: &str) {
     );
     let age = remixd_domain::now_millis() / 1000 - ts.parse::<i64>().unwrap();
     assert!((0..60).contains(&age), "the timestamp is this attempt's");
+}
+
+/// Polls the outbox until the task's delivery reaches `state` (a final state: no
+/// attempt follows it), instead of sleeping and hoping.
+async fn wait_delivery(srv: &TestServer, task: &str, state: DeliveryState) -> DeliveryRecord {
+    let store = srv.store().await;
+    let id = task.parse().unwrap();
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let d = store.deliveries_of(&id).await.unwrap();
+        if let Some(d) = d.into_iter().next().filter(|d| d.state == state) {
+            return d;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "delivery never {state:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
 }
 
 async fn set_secret(srv: &TestServer) -> String {
@@ -103,16 +122,16 @@ async fn a_flaky_receiver_gets_signed_retries_with_one_stable_id() {
     assert_eq!(data["remainedCredits"], 1000 - 18);
 
     // The outbox says delivered, after three attempts.
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let d = srv
-        .store()
-        .await
-        .deliveries_of(&id.parse::<TaskId>().unwrap())
-        .await
-        .unwrap();
+    let d = wait_delivery(&srv, &id, DeliveryState::Delivered).await;
+    assert_eq!((d.attempts, d.last_status), (3, Some(204)));
     assert_eq!(
-        (d.len(), d[0].state, d[0].attempts, d[0].last_status),
-        (1, DeliveryState::Delivered, 3, Some(204))
+        srv.store()
+            .await
+            .deliveries_of(&id.parse::<TaskId>().unwrap())
+            .await
+            .unwrap()
+            .len(),
+        1
     );
     srv.stop().await;
 }
@@ -142,18 +161,10 @@ async fn failed_tasks_call_back_too_and_410_stops_the_retries() {
         !seen[0].headers.contains_key("webhook-signature"),
         "no secret, no signature"
     );
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    // Given up (a final state: nothing is ever sent again), after one attempt.
+    let d = wait_delivery(&srv, &id, DeliveryState::Failed).await;
+    assert_eq!((d.attempts, d.last_status), (1, Some(410)));
     assert_eq!(rx.seen().len(), 1, "410 Gone: no retry");
-    let d = srv
-        .store()
-        .await
-        .deliveries_of(&id.parse().unwrap())
-        .await
-        .unwrap();
-    assert_eq!(
-        (d[0].state, d[0].last_status),
-        (DeliveryState::Failed, Some(410))
-    );
     srv.stop().await;
 }
 
@@ -166,31 +177,22 @@ async fn redirects_are_not_followed_and_the_schedule_runs_out() {
         .api
         .create_ok(&with_callback(&img, &rx.url("redirect")))
         .await;
-    let seen = rx.wait_for(3, WAIT).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let d = wait_delivery(&srv, &id, DeliveryState::Failed).await;
+    assert_eq!((d.attempts, d.last_status), (3, Some(302)));
+    assert!(
+        d.last_error.contains("no attempts left"),
+        "{}",
+        d.last_error
+    );
+    let seen = rx.seen();
     assert_eq!(
-        rx.seen().len(),
+        seen.len(),
         3,
         "three attempts (first + two retries), then give up"
     );
     assert!(
         seen.iter().all(|r| r.path == "redirect"),
         "the 302 to /ok was never followed"
-    );
-    let d = srv
-        .store()
-        .await
-        .deliveries_of(&id.parse().unwrap())
-        .await
-        .unwrap();
-    assert_eq!(
-        (d[0].state, d[0].attempts, d[0].last_status),
-        (DeliveryState::Failed, 3, Some(302))
-    );
-    assert!(
-        d[0].last_error.contains("no attempts left"),
-        "{}",
-        d[0].last_error
     );
     srv.stop().await;
 }
@@ -297,14 +299,14 @@ async fn a_restart_mid_series_loses_nothing_and_operators_can_redeliver() {
     assert_eq!(seen[0].body, seen[1].body);
     verify(&seen[1], &secret, &id);
 
-    // The operator sends it once more.
+    // The operator sends it once more, once the attempt in flight has been recorded.
+    let d = wait_delivery(&srv, &id, DeliveryState::Delivered).await;
     let store = srv.store().await;
-    let d = store.deliveries_of(&id.parse().unwrap()).await.unwrap();
     assert!(store
-        .redeliver(&d[0].id, remixd_domain::now_millis())
+        .redeliver(&d.id, remixd_domain::now_millis())
         .await
         .unwrap());
     let seen = rx.wait_for(3, Duration::from_secs(5)).await;
-    assert_eq!(seen[2].header("webhook-id"), d[0].id);
+    assert_eq!(seen[2].header("webhook-id"), d.id);
     srv.stop().await;
 }
