@@ -10,6 +10,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use rand::Rng;
 use remixd_domain::{now_millis, TaskId, MODEL_NAME};
+use remixd_store::blobs::PUBLIC_PREFIXES;
 use remixd_store::{BlobError, CreateOutcome, NewTask};
 use serde::Serialize;
 
@@ -184,9 +185,9 @@ pub async fn record_info(
     RawQuery(q): RawQuery,
 ) -> AppResult<Json<Envelope<RecordInfo>>> {
     let caller = querying_caller(&state, &headers, "recordInfo").await?;
-    Ok(ok(RecordInfo::from(
-        caller_task(&state, &caller, &q).await?,
-    )))
+    let task = caller_task(&state, &caller, &q).await?;
+    let links = crate::links::AnswerLinks::for_answer(&state).await?;
+    Ok(ok(links.record(task)))
 }
 
 /// The account's credit balance.
@@ -309,10 +310,8 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     }
 }
 
-/// Storage prefixes served under `/files/`.
-const PUBLIC_PREFIXES: [&str; 2] = ["results/", "uploads/"];
-
-/// Serves a stored file (results now, uploads later) by its unguessable key.
+/// Serves a stored file (a result or an upload) by its unguessable key. With
+/// `storage.private_files`, only through a valid signed link.
 #[utoipa::path(
     get,
     path = "/files/{key}",
@@ -347,12 +346,20 @@ pub async fn file(
     {
         return Err(not_found());
     }
-    // A signed link (download-url) must carry a valid, unexpired signature.
-    if let Some(sig) = query_param(&q, "signature") {
-        let expires = query_param(&q, "expires").unwrap_or_default();
-        if !crate::uploads::link_valid(&state, &key, &expires, &sig).await? {
-            return Err(not_found());
+    // A signed link (download-url) must carry a valid, unexpired signature; a link
+    // whose signature was removed is a plain URL, which private files refuse.
+    let signed = match query_param(&q, "signature") {
+        Some(sig) => {
+            let expires = query_param(&q, "expires").unwrap_or_default();
+            if !crate::uploads::link_valid(&state, &key, &expires, &sig).await? {
+                return Err(not_found());
+            }
+            true
         }
+        None => false,
+    };
+    if state.cfg.private_files && !signed {
+        return Err(not_found());
     }
     let mut ct = match key.rsplit('.').next() {
         Some("png") => "image/png".to_string(),
@@ -490,7 +497,8 @@ pub async fn cancel(
         .task(&task.id)
         .await?
         .ok_or_else(|| ApiError::NotFound("Task not found".into()))?;
-    Ok(ok(RecordInfo::from(task)))
+    let links = crate::links::AnswerLinks::for_answer(&state).await?;
+    Ok(ok(links.record(task)))
 }
 
 /// `GET /api/v1/jobs/stream?taskId=`: Server-Sent Events, one `task` event per change of
@@ -523,11 +531,14 @@ pub async fn stream(
     use axum::response::sse::{Event, KeepAlive, Sse};
     let caller = querying_caller(&state, &headers, "stream").await?;
     let first = caller_task(&state, &caller, &q).await?;
+    // Links signed when the stream opens, valid DOWNLOAD_LINK_MS from then.
+    let links = crate::links::AnswerLinks::for_answer(&state).await?;
     let id = first.id;
     let events = futures::stream::unfold(
         (Some(first), None::<(&'static str, u8)>, false),
         move |(mut next, last, done)| {
             let state = state.clone();
+            let links = links.clone();
             async move {
                 if done {
                     return None;
@@ -547,7 +558,7 @@ pub async fn stream(
                     let terminal = task.state.is_terminal();
                     let event = Event::default()
                         .event("task")
-                        .json_data(RecordInfo::from(task))
+                        .json_data(links.record(task))
                         .ok()?;
                     return Some((Ok(event), (None, Some(key), terminal)));
                 }

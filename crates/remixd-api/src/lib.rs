@@ -10,6 +10,7 @@ pub mod auth;
 pub mod error;
 mod handlers;
 pub mod limits;
+pub mod links;
 pub mod openapi;
 pub mod uploads;
 pub mod validate;
@@ -72,6 +73,8 @@ pub struct ApiConfig {
     pub max_upload_bytes: u64,
     /// How long uploads are kept.
     pub uploads_ttl_ms: i64,
+    /// `storage.private_files`: plain `/files/` URLs answer 404; answers sign result URLs.
+    pub private_files: bool,
 }
 
 impl Default for ApiConfig {
@@ -87,6 +90,7 @@ impl Default for ApiConfig {
             public_url: "http://127.0.0.1:8080".into(),
             max_upload_bytes: 10 * 1024 * 1024,
             uploads_ttl_ms: 24 * 3_600_000,
+            private_files: false,
         }
     }
 }

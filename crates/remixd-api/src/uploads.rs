@@ -16,13 +16,12 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use base64::Engine as _;
 use bytes::Bytes;
-use hmac::{Hmac, Mac};
 use rand::RngCore;
 use remixd_domain::now_millis;
+use remixd_store::blobs::{classify_url, FileUrl};
 use remixd_store::UploadRecord;
 use serde::Serialize;
 use serde_json::Value;
-use sha2::Sha256;
 
 use crate::auth::{authenticate, Caller};
 use crate::error::{ok, ApiError, Envelope};
@@ -439,49 +438,18 @@ pub async fn base64_upload(
     store_upload(&state, &caller, path, name.as_deref(), Bytes::from(bytes)).await
 }
 
-type HmacSha256 = Hmac<Sha256>;
+pub use crate::links::DOWNLOAD_LINK_MS;
 
-/// How long a signed download link lives.
-pub const DOWNLOAD_LINK_MS: i64 = 20 * 60 * 1000;
-
-async fn link_key(state: &AppState) -> Result<Vec<u8>, ApiError> {
-    let v = state
-        .store
-        .server_value("download_link_key", &|| {
-            let mut k = [0u8; 32];
-            rand::thread_rng().fill_bytes(&mut k);
-            hex::encode(k)
-        })
-        .await?;
-    hex::decode(v).map_err(ApiError::internal)
-}
-
-fn link_signature(key: &[u8], file_key: &str, expires: i64) -> String {
-    let mut m = HmacSha256::new_from_slice(key).expect("any key length");
-    m.update(format!("{file_key}\n{expires}").as_bytes());
-    hex::encode(m.finalize().into_bytes())
-}
-
-/// Whether `expires`/`signature` query values make a valid, unexpired link to `file_key`.
+/// Whether `expires`/`signature` query values make a valid, unexpired link to
+/// `file_key`: only the canonical signature counts (see [`crate::links::LinkSigner::verify`]).
 pub(crate) async fn link_valid(
     state: &AppState,
     file_key: &str,
     expires: &str,
     signature: &str,
 ) -> Result<bool, ApiError> {
-    let Ok(expires) = expires.parse::<i64>() else {
-        return Ok(false);
-    };
-    if expires < now_millis() {
-        return Ok(false);
-    }
-    let key = link_key(state).await?;
-    let mut m = HmacSha256::new_from_slice(&key).expect("any key length");
-    m.update(format!("{file_key}\n{expires}").as_bytes());
-    let Ok(sig) = hex::decode(signature) else {
-        return Ok(false);
-    };
-    Ok(m.verify_slice(&sig).is_ok())
+    let signer = crate::links::LinkSigner::load(&*state.store).await?;
+    Ok(signer.verify(file_key, expires, signature, now_millis()))
 }
 
 /// `POST /api/v1/common/download-url` `{"url": ...}`: a link to one of this server's files, valid 20 minutes.
@@ -490,6 +458,7 @@ pub(crate) async fn link_valid(
     path = "/api/v1/common/download-url",
     operation_id = "downloadUrl",
     tag = "account",
+    description = "The URL may be spelt any way that names this server (host, port, case, dot segments, percent escapes); only the caller's own uploads and the results of its own tasks are signed.",
     request_body(content = crate::openapi::DownloadUrlRequest, content_type = "application/json"),
     responses(
         (status = 200, description = "A signed link, valid 20 minutes.", body = Envelope<String>),
@@ -512,28 +481,28 @@ pub async fn download_url(
         .and_then(Value::as_str)
         .filter(|s| !s.is_empty())
         .ok_or_else(|| ApiError::validation("url is required"))?;
-    let not_ours = || ApiError::validation("url is not a file URL issued by this server");
-    let file_key = own_file_key(&state.cfg.public_url, url).ok_or_else(not_ours)?;
-    // Only files that exist, and uploads of the caller's own account.
-    if file_key.starts_with("uploads/") {
-        let up = state.store.upload(&file_key).await?.ok_or_else(not_ours)?;
-        if up.account_id != caller.account_id || up.expire_time < now_millis() {
-            return Err(not_ours());
-        }
-    } else if state.blobs.get(&file_key).await.is_err() {
-        return Err(not_ours());
+    let file_key = own_file_key(&state, url).ok_or_else(|| {
+        ApiError::validation("url is not a result or upload URL issued by this server")
+    })?;
+    // Only the caller's own files: a link to another account's file is never signed. One
+    // message for unknown, expired and foreign files, so a guess learns nothing.
+    if !crate::links::account_may_use(&state, &caller.account_id, &file_key).await? {
+        return Err(ApiError::validation(
+            "url is not usable by this account: the file does not exist or has expired, or belongs to another account",
+        ));
     }
     let expires = now_millis() + DOWNLOAD_LINK_MS;
-    let sig = link_signature(&link_key(&state).await?, &file_key, expires);
-    let base = state.cfg.public_url.trim_end_matches('/');
-    Ok(ok(format!(
-        "{base}/files/{file_key}?expires={expires}&signature={sig}"
-    )))
+    let signer = crate::links::LinkSigner::load(&*state.store).await?;
+    Ok(ok(signer.link(&state.cfg.public_url, &file_key, expires)))
 }
 
-/// The storage key behind a URL of this server's `/files/`, if it is one.
-pub fn own_file_key(public_url: &str, url: &str) -> Option<String> {
-    remixd_store::blobs::key_of_public_url(public_url, url)
+/// The storage key behind a URL of this server's `/files/` (a result or an upload), by
+/// any spelling of this server ([`remixd_store::blobs::classify_url`]).
+pub fn own_file_key(state: &AppState, url: &str) -> Option<String> {
+    match classify_url(&crate::links::origin(state)?, url) {
+        FileUrl::File(key) => Some(key),
+        FileUrl::Foreign | FileUrl::NotAFile => None,
+    }
 }
 
 #[cfg(test)]
@@ -562,30 +531,5 @@ mod tests {
         assert_eq!(file_name(Some("my cat (1).png"), "png"), "my_cat__1_.png");
         assert_eq!(file_name(Some(".hidden"), "png"), "hidden");
         assert!(file_name(None, "webp").ends_with(".webp"));
-    }
-
-    #[test]
-    fn own_urls() {
-        let p = "http://127.0.0.1:8080";
-        assert_eq!(
-            own_file_key(p, "http://127.0.0.1:8080/files/uploads/ab/x/a.png").as_deref(),
-            Some("uploads/ab/x/a.png")
-        );
-        assert_eq!(
-            own_file_key(p, "http://127.0.0.1:8080/files/results/t/k/0.png?x=1").as_deref(),
-            Some("results/t/k/0.png")
-        );
-        assert_eq!(
-            own_file_key(p, "http://127.0.0.1:8080/files/inputs/t/base"),
-            None
-        );
-        assert_eq!(
-            own_file_key(p, "http://127.0.0.1:8080/files/uploads/../x"),
-            None
-        );
-        assert_eq!(
-            own_file_key(p, "http://evil.example/files/uploads/ab/a.png"),
-            None
-        );
     }
 }

@@ -88,8 +88,18 @@ struct CallbackBody {
     data: CallbackData,
 }
 
-/// The body POSTed to a task's `callBackUrl` when it is terminal.
+/// The body POSTed to a task's `callBackUrl` when it is terminal, result URLs as stored.
 pub fn callback_body(task: &TaskRecord, remained_credits: i64) -> String {
+    callback_body_with(task, remained_credits, &crate::links::AnswerLinks::plain())
+}
+
+/// The callback body with result URLs shown as `links` say (signed under
+/// `storage.private_files`).
+pub fn callback_body_with(
+    task: &TaskRecord,
+    remained_credits: i64,
+    links: &crate::links::AnswerLinks,
+) -> String {
     let success = task.state == TaskState::Success;
     let consumed = task.credits_consumed;
     let body = CallbackBody {
@@ -100,7 +110,7 @@ pub fn callback_body(task: &TaskRecord, remained_credits: i64) -> String {
             "Task failed."
         },
         data: CallbackData {
-            record: RecordInfo::from(task.clone()),
+            record: links.record(task.clone()),
             consume_credits: consumed,
             remained_credits,
         },

@@ -6,6 +6,7 @@
 
 pub mod account;
 pub mod input;
+pub mod origin;
 pub mod prompt;
 pub mod task;
 
@@ -14,6 +15,7 @@ pub use input::{
     CreditPrices, ImageSize, NumImages, RenderingSpeed, Seed, Strength, Style, TaskInput,
     MODEL_NAME,
 };
+pub use origin::ServerOrigin;
 pub use task::{FailCode, TaskId, TaskState};
 
 /// Milliseconds since the Unix epoch: the one time unit of storage and the API.

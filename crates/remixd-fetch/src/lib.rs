@@ -18,7 +18,7 @@ pub mod policy;
 use std::net::IpAddr;
 use std::time::Duration;
 
-pub use client::Fetcher;
+pub use client::{Fetcher, SharedBudget};
 pub use images::{decode_luma, decode_rgb, probe, sniff, FetchedImage, ImageKind};
 pub use policy::{classify, AddressClass, AddressPolicy};
 
@@ -29,6 +29,11 @@ pub struct FetchConfig {
     pub allow: Vec<String>,
     /// Bound on a whole download, redirects and body included.
     pub timeout: Duration,
+    /// Bound on all of one task's downloads together (`fetch.task_timeout_s`).
+    pub task_timeout: Duration,
+    /// This server itself: never connected to, whatever `allow` says, so no spelling of
+    /// its own URLs can make it fetch its files over HTTP (`None`: not known).
+    pub origin: Option<remixd_domain::ServerOrigin>,
     /// Largest image, in bytes.
     pub max_image_bytes: u64,
     /// Largest decoded image, in pixels (width × height).
@@ -41,6 +46,8 @@ impl Default for FetchConfig {
         Self {
             allow: Vec::new(),
             timeout: Duration::from_secs(30),
+            task_timeout: Duration::from_secs(60),
+            origin: None,
             max_image_bytes: 10 * 1024 * 1024,
             max_pixels: 40_000_000,
             user_agent: concat!("remixd/", env!("CARGO_PKG_VERSION")).to_string(),
@@ -65,8 +72,12 @@ pub enum FetchError {
     Status(u16),
     #[error("is too large (over {limit} bytes)")]
     TooLarge { limit: u64 },
+    #[error("is too large: with the other images of its field it is over {limit} bytes")]
+    GroupTooLarge { limit: u64 },
     #[error("timed out after {secs} s")]
     Timeout { secs: u64 },
+    #[error("was still downloading when the task's {secs} s limit for all its downloads (fetch.task_timeout_s) ran out")]
+    TaskTimeout { secs: u64 },
     #[error("redirected more than {} times", client::MAX_REDIRECTS)]
     TooManyRedirects,
     #[error("is not a JPEG, PNG or WebP image")]

@@ -278,3 +278,105 @@ async fn timeouts_statuses_and_non_images() {
         FetchError::BadUrl(_)
     ));
 }
+
+/// However this server is spelt, the fetcher never connects to it, even with loopback
+/// allowed; a redirect from an allowed server to it is refused too.
+#[tokio::test]
+async fn this_server_is_never_contacted_by_any_spelling() {
+    let (port, seen) = server("127.0.0.1:0").await;
+    let (other, other_seen) = server("127.0.0.1:0").await;
+    let me: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let f = Fetcher::new(FetchConfig {
+        allow: vec!["127.0.0.0/8".into(), "::1/128".into(), "0.0.0.0/32".into()],
+        timeout: Duration::from_millis(800),
+        origin: Some(
+            remixd_domain::ServerOrigin::new(&format!("http://127.0.0.1:{port}"), Some(me))
+                .unwrap(),
+        ),
+        ..FetchConfig::default()
+    })
+    .unwrap();
+    for url in [
+        format!("http://127.0.0.1:{port}/png"),
+        format!("HTTP://127.0.0.1:{port}/png"),
+        format!("http://127.1:{port}/png"),
+        format!("http://127.0.0.1.:{port}/png"),
+        format!("http://2130706433:{port}/png"),
+        format!("http://0.0.0.0:{port}/png"),
+        format!("http://[::1]:{port}/png"),
+        format!("http://[::ffff:127.0.0.1]:{port}/png"),
+        format!("http://localhost:{port}/png"),
+        format!("http://LocalHost.:{port}/png"),
+        format!("http://127.0.0.1:{other}/to/http:~~localhost:{port}~png"),
+        format!("http://127.0.0.1:{other}/to/http:~~127.1:{port}~png"),
+    ] {
+        let e = f.download(&url, 1000).await.unwrap_err();
+        assert!(matches!(e, FetchError::Blocked { .. }), "{url}: {e:?}");
+        assert!(e.to_string().contains("this server itself"), "{url}: {e}");
+    }
+    assert_eq!(
+        seen.0.load(Ordering::SeqCst),
+        0,
+        "this server saw no request"
+    );
+    assert_eq!(
+        other_seen.0.load(Ordering::SeqCst),
+        2,
+        "only the two redirects"
+    );
+    // Other loopback servers stay reachable.
+    assert!(f
+        .download(&format!("http://127.0.0.1:{other}/png"), 1000)
+        .await
+        .is_ok());
+}
+
+/// Downloads in parallel under one shared budget cannot overshoot it together.
+#[tokio::test]
+async fn a_shared_budget_bounds_parallel_downloads_together() {
+    let (port, _) = server("127.0.0.1:0").await;
+    let f = Fetcher::new(FetchConfig {
+        allow: vec!["127.0.0.1/32".into()],
+        timeout: Duration::from_secs(2),
+        ..FetchConfig::default()
+    })
+    .unwrap();
+    // Two bodies of 300 000 bytes, each within its own cap of 1 MB, but not both
+    // within a shared 400 000: at least one is refused (both, when their chunks
+    // interleave past the budget), and never are both read whole.
+    let budget = remixd_fetch::SharedBudget::new(400_000);
+    let url = format!("http://127.0.0.1:{port}/big");
+    let (a, b) = tokio::join!(
+        f.download_shared(&url, 1_000_000, Some(&budget)),
+        f.download_shared(&url, 1_000_000, Some(&budget)),
+    );
+    let errors: Vec<_> = [&a, &b]
+        .into_iter()
+        .filter_map(|r| r.as_ref().err())
+        .collect();
+    assert!(!errors.is_empty(), "both were read whole");
+    for e in &errors {
+        assert_eq!(**e, FetchError::GroupTooLarge { limit: 400_000 });
+    }
+    assert_eq!(
+        errors[0].to_string(),
+        "is too large: with the other images of its field it is over 400000 bytes"
+    );
+    // One after the other: the first fits, the second is refused from its length.
+    let budget = remixd_fetch::SharedBudget::new(400_000);
+    assert_eq!(
+        f.download_shared(&url, 1_000_000, Some(&budget))
+            .await
+            .unwrap()
+            .len(),
+        300_000
+    );
+    assert_eq!(
+        f.download_shared(&url, 1_000_000, Some(&budget))
+            .await
+            .unwrap_err(),
+        FetchError::GroupTooLarge { limit: 400_000 }
+    );
+    // Without the shared budget both succeed.
+    assert!(f.download(&url, 1_000_000).await.is_ok());
+}

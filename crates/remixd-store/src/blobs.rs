@@ -4,6 +4,10 @@
 //! random bits, which is what makes a result URL unguessable. A key is checked before
 //! use: no `..`, no empty segments, only `[A-Za-z0-9._-]` in segments, so a URL path
 //! can never reach outside the store.
+//!
+//! [`classify_url`] tells whether a user-supplied URL is one of this server's own files,
+//! whatever its spelling, so workers read it from storage under the ownership rule
+//! instead of fetching it over HTTP.
 
 use std::sync::Arc;
 
@@ -11,6 +15,7 @@ use bytes::Bytes;
 use object_store::local::LocalFileSystem;
 use object_store::path::Path;
 use object_store::{ObjectStore, PutPayload};
+use remixd_domain::ServerOrigin;
 
 /// Errors of the file storage.
 #[derive(Debug, thiserror::Error)]
@@ -73,15 +78,47 @@ pub fn valid_key(key: &str) -> bool {
         })
 }
 
-/// The storage key behind a `<public_url>/files/<key>` URL of this server, if the URL is
-/// one and names a public prefix (`results/` or `uploads/`); query and fragment ignored.
-pub fn key_of_public_url(public_url: &str, url: &str) -> Option<String> {
-    let rest = url
-        .strip_prefix(public_url.trim_end_matches('/'))?
-        .strip_prefix("/files/")?;
-    let key = rest.split(['?', '#']).next()?;
-    (valid_key(key) && (key.starts_with("results/") || key.starts_with("uploads/")))
-        .then(|| key.to_string())
+/// What a user-supplied URL is to this server's file storage.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FileUrl {
+    /// Another server's URL: fetch it (under the address policy).
+    Foreign,
+    /// This server's file under a public prefix (`results/` or `uploads/`): read it
+    /// from storage under the ownership rule, never over HTTP.
+    File(String),
+    /// This server, but not one of its files (an API route, `inputs/`, a malformed
+    /// key): refused, never fetched.
+    NotAFile,
+}
+
+/// Classifies a URL against this server's every spelling ([`ServerOrigin`]): the URL is
+/// parsed the WHATWG way (scheme and host lower-cased, `127.1` read as 127.0.0.1, `.`,
+/// `..`, `%2e` segments removed), its path percent-decoded (so `uploads%2F…` is
+/// `uploads/…`, as the file route reads it), and query and fragment ignored.
+pub fn classify_url(origin: &ServerOrigin, url: &str) -> FileUrl {
+    let Ok(u) = url::Url::parse(url.trim()) else {
+        return FileUrl::Foreign;
+    };
+    if !matches!(u.scheme(), "http" | "https") || !origin.designates_url(&u) {
+        return FileUrl::Foreign;
+    }
+    let Ok(path) = percent_encoding::percent_decode_str(u.path()).decode_utf8() else {
+        return FileUrl::NotAFile;
+    };
+    match path.strip_prefix("/files/") {
+        Some(key) if valid_key(key) && PUBLIC_PREFIXES.iter().any(|p| key.starts_with(p)) => {
+            FileUrl::File(key.to_string())
+        }
+        _ => FileUrl::NotAFile,
+    }
+}
+
+/// Storage prefixes served under `/files/` and usable as task inputs.
+pub const PUBLIC_PREFIXES: [&str; 2] = ["results/", "uploads/"];
+
+/// The task whose result a `results/<task>/…` key is, if it is one.
+pub fn result_task(key: &str) -> Option<&str> {
+    key.strip_prefix("results/")?.split('/').next()
 }
 
 fn path(key: &str) -> Result<Path, BlobError> {
@@ -245,6 +282,59 @@ mod tests {
         ] {
             assert!(!valid_key(bad), "{bad}");
         }
+    }
+
+    #[test]
+    fn file_urls_by_any_spelling() {
+        let o = ServerOrigin::new(
+            "http://127.0.0.1:8080",
+            Some("127.0.0.1:8080".parse().unwrap()),
+        )
+        .unwrap();
+        let file = |k: &str| FileUrl::File(k.to_string());
+        let up = "uploads/ab/x/a.png";
+        for url in [
+            "http://127.0.0.1:8080/files/uploads/ab/x/a.png",
+            "HTTP://127.0.0.1:8080/files/uploads/ab/x/a.png",
+            "http://127.1:8080/files/uploads/ab/x/a.png",
+            "http://localhost:8080/files/uploads/ab/x/a.png",
+            "http://localhost.:8080/files/uploads/ab/x/a.png",
+            "http://[::1]:8080/files/uploads/ab/x/a.png",
+            "http://0.0.0.0:8080/files/uploads/ab/x/a.png",
+            "http://127.0.0.1:8080/files/uploads%2Fab%2fx/a.png",
+            "http://127.0.0.1:8080/files/./uploads/ab/x/a.png",
+            "http://127.0.0.1:8080/files/%2e/uploads/ab/x/a.png",
+            "http://127.0.0.1:8080/files/%2E/uploads/ab/zz/../x/a.png",
+            "http://127.0.0.1:8080/files/%75ploads/ab/x/a.png",
+            "http://127.0.0.1:8080/x/../files/uploads/ab/x/a.png",
+            "http://127.0.0.1:8080\\files\\uploads/ab/x/a.png",
+            "  http://127.0.0.1:8080/files/uploads/ab/x/a.png?expires=1&signature=ab#f",
+        ] {
+            assert_eq!(classify_url(&o, url), file(up), "{url}");
+        }
+        assert_eq!(
+            classify_url(&o, "http://127.0.0.1:8080/files/results/t/k/0.png"),
+            file("results/t/k/0.png")
+        );
+        for url in [
+            "http://127.0.0.1:8080/files/inputs/t/base",
+            "http://127.0.0.1:8080/files/uploads/..%2F..%2Fx",
+            "http://127.0.0.1:8080/files/uploads/%ff",
+            "http://127.0.0.1:8080/api/v1/jobs/recordInfo",
+            "http://localhost:8080/",
+        ] {
+            assert_eq!(classify_url(&o, url), FileUrl::NotAFile, "{url}");
+        }
+        for url in [
+            "http://127.0.0.1:9999/files/uploads/ab/x/a.png",
+            "http://evil.example/files/uploads/ab/a.png",
+            "ftp://127.0.0.1:8080/files/uploads/ab/x/a.png",
+            "not a url",
+        ] {
+            assert_eq!(classify_url(&o, url), FileUrl::Foreign, "{url}");
+        }
+        assert_eq!(result_task("results/t1/k/0.png"), Some("t1"));
+        assert_eq!(result_task("uploads/t1/k/0.png"), None);
     }
 
     #[tokio::test]

@@ -88,6 +88,7 @@ where
     concurrent_creates_never_overdraw(make().await).await;
     key_caps(&*make().await).await;
     queue_claims_leases_and_reaper(&*make().await).await;
+    fetch_claims_are_fair(&*make().await).await;
     cross_account_reads(&*make().await).await;
     release_and_retry_delay(&*make().await).await;
     callback_outbox(&*make().await).await;
@@ -381,6 +382,86 @@ pub async fn queue_claims_leases_and_reaper(s: &dyn Store) {
         (TaskState::Fail, Some(FailCode::Internal), 0)
     );
     assert_eq!(s.balance(&acct).await.unwrap(), before + 18);
+}
+
+/// Fetch claims share a worker's slots between accounts: the least-served account
+/// first, and never more than `per_account` of one account's tasks per owner.
+pub async fn fetch_claims_are_fair(s: &dyn Store) {
+    let (a, ka) = account_with_key(s, "fa", 1000, KeyLimits::default()).await;
+    let (b, kb) = account_with_key(s, "fb", 1000, KeyLimits::default()).await;
+    let mut a_tasks = Vec::new();
+    for t in 1..=4 {
+        let n = new_task(&a, &ka, 18, t);
+        s.create_task(n.clone()).await.unwrap();
+        a_tasks.push(n.id);
+    }
+    let b1 = new_task(&b, &kb, 18, 5);
+    s.create_task(b1.clone()).await.unwrap();
+    let claim = |owner: &'static str, now: i64| s.claim_fetch(owner, now, 1000, 2);
+
+    // Oldest first while both accounts have nothing in flight; then B, although A's
+    // second task is older, because A already holds a slot.
+    assert_eq!(claim("w", 100).await.unwrap().unwrap().id, a_tasks[0]);
+    assert_eq!(claim("w", 100).await.unwrap().unwrap().id, b1.id);
+    assert_eq!(claim("w", 100).await.unwrap().unwrap().id, a_tasks[1]);
+    // A holds its share (2) of this owner's slots: nothing more for it here...
+    assert!(claim("w", 100).await.unwrap().is_none());
+    // ...while another worker process has its own slots.
+    assert_eq!(claim("w2", 100).await.unwrap().unwrap().id, a_tasks[2]);
+    // A finished fetch frees its slot.
+    assert!(s.inputs_ready(&a_tasks[0], "w", 101).await.unwrap());
+    assert_eq!(claim("w", 102).await.unwrap().unwrap().id, a_tasks[3]);
+
+    // Leases that lapsed no longer count as in flight (the reaper takes them back).
+    let (c, kc) = account_with_key(s, "fc", 1000, KeyLimits::default()).await;
+    let c1 = new_task(&c, &kc, 18, 6);
+    let c2 = new_task(&c, &kc, 18, 7);
+    let c3 = new_task(&c, &kc, 18, 8);
+    for t in [&c1, &c2, &c3] {
+        s.create_task(t.clone()).await.unwrap();
+    }
+    assert_eq!(
+        s.claim_fetch("w3", 200, 300, 2).await.unwrap().unwrap().id,
+        c1.id
+    );
+    assert_eq!(
+        s.claim_fetch("w3", 200, 300, 2).await.unwrap().unwrap().id,
+        c2.id
+    );
+    assert!(s.claim_fetch("w3", 200, 300, 2).await.unwrap().is_none());
+    assert_eq!(
+        s.claim_fetch("w3", 301, 900, 2).await.unwrap().unwrap().id,
+        c3.id
+    );
+
+    // The plain claim orders the same way, without a cap.
+    let (d, kd) = account_with_key(s, "fd", 1000, KeyLimits::default()).await;
+    let (e, ke) = account_with_key(s, "fe", 1000, KeyLimits::default()).await;
+    let d1 = new_task(&d, &kd, 18, 9);
+    let d2 = new_task(&d, &kd, 18, 10);
+    let e1 = new_task(&e, &ke, 18, 11);
+    for t in [&d1, &d2, &e1] {
+        s.create_task(t.clone()).await.unwrap();
+    }
+    let got: Vec<_> = [
+        s.claim(Stage::Fetch, "w4", 400, 2000)
+            .await
+            .unwrap()
+            .unwrap()
+            .id,
+        s.claim(Stage::Fetch, "w4", 400, 2000)
+            .await
+            .unwrap()
+            .unwrap()
+            .id,
+        s.claim(Stage::Fetch, "w4", 400, 2000)
+            .await
+            .unwrap()
+            .unwrap()
+            .id,
+    ]
+    .into();
+    assert_eq!(got, vec![d1.id, e1.id, d2.id]);
 }
 
 pub async fn cross_account_reads(s: &dyn Store) {

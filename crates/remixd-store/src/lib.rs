@@ -360,13 +360,27 @@ pub trait Store: Send + Sync + 'static {
     async fn task(&self, id: &TaskId) -> Result<Option<TaskRecord>>;
 
     // The queue.
-    /// Claims the oldest ready task of a stage with a lease until `lease_until`.
+    /// Claims a ready task of a stage with a lease until `lease_until`: for
+    /// [`Stage::Generate`] the oldest; for [`Stage::Fetch`] as [`Store::claim_fetch`]
+    /// with no cap per account.
     async fn claim(
         &self,
         stage: Stage,
         owner: &str,
         now: Millis,
         lease_until: Millis,
+    ) -> Result<Option<TaskRecord>>;
+    /// Claims a `waiting` task fairly between accounts, in one atomic statement: among
+    /// accounts with a claimable task, the one with the fewest tasks this `owner` is
+    /// fetching now (live leases) goes first, then the oldest task (`not_before`, id).
+    /// An account that already has `per_account` fetches in flight under this owner gets
+    /// none, so one account can never fill every fetch slot of a worker.
+    async fn claim_fetch(
+        &self,
+        owner: &str,
+        now: Millis,
+        lease_until: Millis,
+        per_account: u32,
     ) -> Result<Option<TaskRecord>>;
     /// Extends a lease; false when the lease is no longer ours.
     async fn extend_lease(

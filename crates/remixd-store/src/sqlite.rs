@@ -510,11 +510,11 @@ impl Store for SqliteStore {
         lease_until: Millis,
     ) -> Result<Option<TaskRecord>> {
         let sql = match stage {
-            Stage::Fetch => format!(
-                "UPDATE tasks SET lease_owner = ?1, lease_until = ?2, fetch_attempts = fetch_attempts + 1, \
-                 update_time = ?3 WHERE id = (SELECT id FROM tasks WHERE state = 'waiting' AND lease_owner IS NULL \
-                 AND not_before <= ?3 ORDER BY state, not_before, id LIMIT 1) RETURNING {TASK_COLUMNS}"
-            ),
+            Stage::Fetch => {
+                return self
+                    .claim_fetch(owner, now, lease_until, u32::MAX)
+                    .await
+            }
             Stage::Generate => format!(
                 "UPDATE tasks SET state = 'generating', lease_owner = ?1, lease_until = ?2, attempts = attempts + 1, \
                  progress = 0, start_time = ?3, update_time = ?3 WHERE id = (SELECT id FROM tasks WHERE state = 'queuing' \
@@ -525,6 +525,35 @@ impl Store for SqliteStore {
             .bind(owner)
             .bind(lease_until)
             .bind(now)
+            .fetch_optional(&self.write)
+            .await?;
+        row.as_ref().map(task_from_row).transpose()
+    }
+
+    async fn claim_fetch(
+        &self,
+        owner: &str,
+        now: Millis,
+        lease_until: Millis,
+        per_account: u32,
+    ) -> Result<Option<TaskRecord>> {
+        // `f` counts, per account, the tasks this owner is fetching under a live lease;
+        // accounts at the cap are left out and the least-served account goes first. One
+        // statement on the single writer connection, so two claims never pick the same
+        // task or both slip under the cap.
+        let sql = format!(
+            "UPDATE tasks SET lease_owner = ?1, lease_until = ?2, fetch_attempts = fetch_attempts + 1, \
+             update_time = ?3 WHERE id = (SELECT t.id FROM tasks t LEFT JOIN (SELECT account_id, COUNT(*) AS n \
+             FROM tasks WHERE state = 'waiting' AND lease_owner = ?1 AND lease_until >= ?3 GROUP BY account_id) f \
+             ON f.account_id = t.account_id WHERE t.state = 'waiting' AND t.lease_owner IS NULL \
+             AND t.not_before <= ?3 AND COALESCE(f.n, 0) < ?4 ORDER BY COALESCE(f.n, 0), t.not_before, t.id LIMIT 1) \
+             RETURNING {TASK_COLUMNS}"
+        );
+        let row = sqlx::query(&sql)
+            .bind(owner)
+            .bind(lease_until)
+            .bind(now)
+            .bind(i64::from(per_account))
             .fetch_optional(&self.write)
             .await?;
         row.as_ref().map(task_from_row).transpose()

@@ -96,14 +96,17 @@ pub struct ImageServer {
 impl ImageServer {
     /// Starts on 127.0.0.1 with the bundled samples at `/coffee.webp`, `/astronaut.webp`,
     /// `/mask.png`, and the special routes `/slow/{ms}`, `/status/{code}`,
-    /// `/redirect/{n}` (n hops, then `/coffee.webp`), `/text`.
+    /// `/redirect/{n}` (n hops, then `/coffee.webp`), `/text`, `/hang` (never answers).
+    /// Every request counts as a hit, unknown paths (answered 404) included.
     pub async fn start() -> Self {
         let state = Arc::new(Files::default());
         let app = axum::Router::new()
             .route("/{name}", get(serve_file))
+            .route("/hang", get(hang))
             .route("/slow/{ms}", get(slow))
             .route("/status/{code}", get(status))
             .route("/redirect/{n}", get(redirect))
+            .fallback(unknown)
             .with_state(state.clone());
         let l = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -158,6 +161,18 @@ async fn serve_file(State(s): State<Arc<Files>>, Path(name): Path<String>) -> Re
         Some((b, ct)) => ([(header::CONTENT_TYPE, *ct)], b.clone()).into_response(),
         None => StatusCode::NOT_FOUND.into_response(),
     }
+}
+
+/// Never answers (within the hour): a URL that holds a connection open.
+async fn hang(State(s): State<Arc<Files>>) -> Response {
+    s.hits.fetch_add(1, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(3600)).await;
+    StatusCode::REQUEST_TIMEOUT.into_response()
+}
+
+async fn unknown(State(s): State<Arc<Files>>) -> Response {
+    s.hits.fetch_add(1, Ordering::SeqCst);
+    StatusCode::NOT_FOUND.into_response()
 }
 
 async fn slow(State(s): State<Arc<Files>>, Path(ms): Path<u64>) -> Response {

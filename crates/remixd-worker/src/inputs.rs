@@ -3,16 +3,35 @@
 //!
 //! Any fetch failure is the client's input (failCode `422`), with a message naming the
 //! field; a storage failure is ours, and the task is released to be tried again.
+//!
+//! Fetch slots are shared between accounts: the claim takes the least-served account
+//! first and never more than `worker.fetch_per_account` tasks of one account, so tasks
+//! pointing at URLs that never answer cannot hold every slot. A task's downloads run in
+//! parallel (at most [`PARALLEL_DOWNLOADS`]) under one deadline for all of them
+//! (`fetch.task_timeout_s`), so a task with many slow URLs holds its slot for at most
+//! that long. The style images share one byte budget, taken chunk by chunk.
+//!
+//! A URL that designates this server (any spelling: see
+//! [`remixd_store::blobs::classify_url`]) is never fetched: a result or upload file is
+//! read from storage, and only by tasks of the account it belongs to.
 
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use remixd_domain::{now_millis, FailCode, TaskInput};
-use remixd_store::{Stage, TaskRecord};
+use futures::{FutureExt, StreamExt};
+use remixd_domain::{now_millis, FailCode, TaskId, TaskInput};
+use remixd_fetch::{FetchError, FetchedImage, SharedBudget};
+use remixd_store::blobs::{classify_url, result_task, FileUrl};
+use remixd_store::TaskRecord;
 use tokio_util::sync::CancellationToken;
 
 use crate::lease::{lease_until, spawn_heartbeat};
 use crate::Ctx;
+
+/// Downloads of one task in flight at once. The inputs are at most 13 URLs; four at a
+/// time keeps one task's connections modest while a slow URL no longer delays the rest.
+pub(crate) const PARALLEL_DOWNLOADS: usize = 4;
 
 /// The role of one input image, which names both its storage key and its field.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,7 +83,12 @@ pub(crate) fn roles(input: &TaskInput) -> Vec<(Role, &str)> {
 pub(crate) async fn run_one(ctx: &Arc<Ctx>) -> Result<bool, remixd_store::StoreError> {
     let Some(task) = ctx
         .store
-        .claim(Stage::Fetch, &ctx.cfg.owner, now_millis(), lease_until(ctx))
+        .claim_fetch(
+            &ctx.cfg.owner,
+            now_millis(),
+            lease_until(ctx),
+            ctx.cfg.fetch_per_account,
+        )
         .await?
     else {
         return Ok(false);
@@ -148,29 +172,85 @@ enum FetchFailure {
     Ours(String),
 }
 
+// What became of each input so far, for the deadline's message.
+const QUEUED: u8 = 0;
+const DOWNLOADING: u8 = 1;
+const DONE: u8 = 2;
+
 async fn fetch_all(ctx: &Ctx, task: &TaskRecord) -> Result<(), FetchFailure> {
-    let cap = ctx.fetcher.config().max_image_bytes;
-    let mut style_budget = cap; // style images share one budget, as the contract says
+    let cfg = ctx.fetcher.config();
+    let cap = cfg.max_image_bytes;
+    let styles = SharedBudget::new(cap); // style images share one budget, as the contract says
+    let roles = roles(&task.input);
+    let progress: Vec<AtomicU8> = roles.iter().map(|_| AtomicU8::new(QUEUED)).collect();
+    // The futures are made up front (they start only when first polled) and not in a
+    // stream closure, whose higher-ranked lifetimes the spawned loop's `Send` check
+    // cannot see through.
+    let each: Vec<_> = roles
+        .iter()
+        .enumerate()
+        .map(|(i, (role, url))| {
+            let shared = matches!(role, Role::Style(_)).then_some(&styles);
+            fetch_one(ctx, task, role, url, cap, shared, &progress[i]).map(move |r| (i, r))
+        })
+        .collect();
+    let downloads = futures::stream::iter(each).buffer_unordered(PARALLEL_DOWNLOADS);
+    // The first failure ends the task at once; the other downloads are dropped with it.
+    let all = async {
+        futures::pin_mut!(downloads);
+        let mut got = Vec::with_capacity(roles.len());
+        while let Some((i, r)) = downloads.next().await {
+            got.push((i, r?));
+        }
+        Ok::<_, FetchFailure>(got)
+    };
+    let got = match tokio::time::timeout(cfg.task_timeout, all).await {
+        Ok(r) => r?,
+        Err(_) => {
+            let state = |i: &usize| progress[*i].load(Ordering::Relaxed);
+            let slow = (0..roles.len())
+                .find(|i| state(i) == DOWNLOADING)
+                .or_else(|| (0..roles.len()).find(|i| state(i) == QUEUED))
+                .unwrap_or(0);
+            let e = FetchError::TaskTimeout {
+                secs: cfg.task_timeout.as_secs().max(1),
+            };
+            return Err(FetchFailure::Input(format!(
+                "{} {e}",
+                roles[slow].0.field()
+            )));
+        }
+    };
     let task_id = task.id.to_string();
-    for (role, url) in roles(&task.input) {
-        let limit = if matches!(role, Role::Style(_)) {
-            style_budget
-        } else {
-            cap
-        };
-        let img = match own_upload(ctx, task, url).await {
-            Some(found) => found,
-            None => ctx.fetcher.fetch_image(url, limit).await,
-        }
-        .map_err(|e| FetchFailure::Input(format!("{} {e}", role.field())))?;
-        if matches!(role, Role::Style(_)) {
-            style_budget = style_budget.saturating_sub(img.bytes.len() as u64);
-        }
-        store_input(ctx, &role.key(&task_id), img.bytes)
+    for (i, img) in got {
+        store_input(ctx, &roles[i].0.key(&task_id), img.bytes)
             .await
             .map_err(FetchFailure::Ours)?;
     }
     Ok(())
+}
+
+/// One input: from storage when it is this server's file, else over HTTP.
+async fn fetch_one(
+    ctx: &Ctx,
+    task: &TaskRecord,
+    role: &Role,
+    url: &str,
+    cap: u64,
+    shared: Option<&SharedBudget>,
+    progress: &AtomicU8,
+) -> Result<FetchedImage, FetchFailure> {
+    progress.store(DOWNLOADING, Ordering::Relaxed);
+    let got = match own_file(ctx, task, url, cap, shared).await {
+        Some(r) => r,
+        None => ctx
+            .fetcher
+            .fetch_image_shared(url, cap, shared)
+            .await
+            .map_err(|e| e.to_string()),
+    };
+    progress.store(DONE, Ordering::Relaxed);
+    got.map_err(|e| FetchFailure::Input(format!("{} {e}", role.field())))
 }
 
 async fn store_input(ctx: &Ctx, key: &str, bytes: Bytes) -> Result<(), String> {
@@ -187,47 +267,79 @@ pub(crate) async fn drop_inputs_if_terminal(ctx: &Ctx, id: &remixd_domain::TaskI
     }
 }
 
-/// An input that is a file uploaded to this server (or one of its results) is read from
-/// storage, without an HTTP round trip. `None`: not one of ours, fetch it over HTTP.
-async fn own_upload(
+/// An input URL that designates this server is read from storage, never over HTTP, and
+/// only when the task's account may use the file: an upload of that account, or a result
+/// of one of its tasks. `None`: another server's URL, to be fetched. The error is a
+/// phrase that follows the field name.
+async fn own_file(
     ctx: &Ctx,
     task: &TaskRecord,
     url: &str,
-) -> Option<Result<remixd_fetch::FetchedImage, remixd_fetch::FetchError>> {
-    let key = remixd_store::blobs::key_of_public_url(&ctx.cfg.public_url, url)?;
-    let gone = || {
-        Some(Err(remixd_fetch::FetchError::Unreachable(
-            "the file does not exist or has expired".into(),
-        )))
-    };
-    if key.starts_with("uploads/") {
-        match ctx.store.upload(&key).await {
-            Ok(Some(up)) if up.expire_time >= now_millis() && up.account_id == task.account_id => {}
-            Ok(_) => return gone(),
-            Err(e) => {
-                return Some(Err(remixd_fetch::FetchError::Unreachable(format!(
-                    "storage: {e}"
-                ))))
-            }
+    cap: u64,
+    shared: Option<&SharedBudget>,
+) -> Option<Result<FetchedImage, String>> {
+    let key = match classify_url(ctx.origin.as_ref()?, url) {
+        FileUrl::Foreign => return None,
+        FileUrl::NotAFile => {
+            return Some(Err(
+                "points to this server but not to one of its result or upload files".into(),
+            ))
         }
-    }
-    let bytes = match ctx.blobs.get(&key).await {
-        Ok(b) => b,
-        Err(_) => return gone(),
+        FileUrl::File(key) => key,
     };
-    if bytes.len() as u64 > ctx.fetcher.config().max_image_bytes {
-        return Some(Err(remixd_fetch::FetchError::TooLarge {
-            limit: ctx.fetcher.config().max_image_bytes,
-        }));
-    }
-    Some(
-        remixd_fetch::probe(&bytes, ctx.fetcher.config().max_pixels).map(
-            |(kind, width, height)| remixd_fetch::FetchedImage {
-                bytes,
-                kind,
-                width,
-                height,
+    Some(read_own_file(ctx, task, &key, cap, shared).await)
+}
+
+async fn read_own_file(
+    ctx: &Ctx,
+    task: &TaskRecord,
+    key: &str,
+    cap: u64,
+    shared: Option<&SharedBudget>,
+) -> Result<FetchedImage, String> {
+    // One message for unknown, expired and another account's files: it must not tell
+    // which of them a guessed URL is.
+    let refused = || {
+        "is not usable by this account: the file does not exist or has expired, or belongs to another account".to_string()
+    };
+    let storage = |e: &dyn std::fmt::Display| format!("could not be read from storage: {e}");
+    let allowed = if key.starts_with("uploads/") {
+        match ctx.store.upload(key).await {
+            Ok(Some(up)) => up.expire_time >= now_millis() && up.account_id == task.account_id,
+            Ok(None) => false,
+            Err(e) => return Err(storage(&e)),
+        }
+    } else {
+        match result_task(key).and_then(|t| t.parse::<TaskId>().ok()) {
+            Some(owner_task) => match ctx.store.task(&owner_task).await {
+                Ok(Some(t)) => t.account_id == task.account_id,
+                Ok(None) => false,
+                Err(e) => return Err(storage(&e)),
             },
-        ),
-    )
+            None => false,
+        }
+    };
+    if !allowed {
+        return Err(refused());
+    }
+    let bytes = match ctx.blobs.get(key).await {
+        Ok(b) => b,
+        Err(remixd_store::BlobError::NotFound) => return Err(refused()),
+        Err(e) => return Err(storage(&e)),
+    };
+    let len = bytes.len() as u64;
+    if len > cap {
+        return Err(FetchError::TooLarge { limit: cap }.to_string());
+    }
+    if let Some(b) = shared {
+        b.take(len).map_err(|e| e.to_string())?;
+    }
+    let (kind, width, height) =
+        remixd_fetch::probe(&bytes, ctx.fetcher.config().max_pixels).map_err(|e| e.to_string())?;
+    Ok(FetchedImage {
+        bytes,
+        kind,
+        width,
+        height,
+    })
 }

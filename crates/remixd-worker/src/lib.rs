@@ -51,6 +51,8 @@ pub struct WorkerConfig {
     pub poll_interval: Duration,
     /// How many tasks fetch their inputs at once.
     pub fetch_concurrency: usize,
+    /// How many of those one account may hold (`worker.fetch_per_account`).
+    pub fetch_per_account: u32,
     /// How many tasks generate at once (`engine.concurrency`).
     pub engine_concurrency: usize,
     /// Claims of a stage before the task fails (`limits.max_attempts`).
@@ -73,6 +75,7 @@ impl Default for WorkerConfig {
             lease: Duration::from_secs(30),
             poll_interval: Duration::from_secs(1),
             fetch_concurrency: 4,
+            fetch_per_account: 2,
             engine_concurrency: 1,
             max_attempts: 3,
             retry_delay: Duration::from_secs(10),
@@ -146,6 +149,9 @@ pub(crate) struct Ctx {
     pub engine: Arc<dyn Engine>,
     pub cfg: WorkerConfig,
     pub wake: Wakeup,
+    /// This server, to recognise its own file URLs among the inputs: the fetcher's, or
+    /// one made from `public_url` alone.
+    pub origin: Option<remixd_domain::ServerOrigin>,
     /// Fires `shutdown_grace` after shutdown began: work in hand must stop now.
     pub hard_stop: CancellationToken,
     /// While storage is under its free-space minimum, no new work is claimed: it would
@@ -167,7 +173,13 @@ impl Worker {
         cfg: WorkerConfig,
         wake: Wakeup,
     ) -> Self {
+        let origin = fetcher
+            .config()
+            .origin
+            .clone()
+            .or_else(|| remixd_domain::ServerOrigin::new(&cfg.public_url, None).ok());
         let ctx = Ctx {
+            origin,
             store,
             blobs,
             fetcher,

@@ -177,9 +177,13 @@ pub async fn launch_with_listener(
     let blobs = Blobs::open(&settings.storage_url()).context("opening file storage")?;
     let space = space_guard(&settings, &blobs);
     let engine = build_engine(&settings)?;
+    let origin = remixd_domain::ServerOrigin::new(&public_url, Some(addr))
+        .map_err(|e| anyhow::anyhow!(e))?;
     let fetcher = Fetcher::new(FetchConfig {
         allow: settings.fetch.allow.clone(),
         timeout: Duration::from_secs(settings.fetch.timeout_s),
+        task_timeout: Duration::from_secs(settings.fetch.task_timeout_s),
+        origin: Some(origin.clone()),
         max_image_bytes: settings.fetch.max_image_bytes,
         max_pixels: settings.fetch.max_pixels,
         ..FetchConfig::default()
@@ -201,6 +205,7 @@ pub async fn launch_with_listener(
             lease: Duration::from_millis(w.lease_ms),
             poll_interval: Duration::from_millis(w.poll_ms),
             fetch_concurrency: w.fetch_concurrency,
+            fetch_per_account: w.fetch_per_account() as u32,
             engine_concurrency: settings.engine.concurrency,
             max_attempts: settings.limits.max_attempts,
             retry_delay: Duration::from_millis(w.retry_delay_ms),
@@ -245,7 +250,23 @@ pub async fn launch_with_listener(
             &tracker,
             shutdown.clone(),
         );
-        let payload: PayloadFn = Arc::new(remixd_api::wire::callback_body);
+        let payload: PayloadFn = if settings.storage.private_files {
+            // Links in callback bodies outlive the ~16 h of retries (CALLBACK_LINK_MS).
+            let signer = remixd_api::links::LinkSigner::load(&*store).await?;
+            let (origin, base) = (origin.clone(), public_url.clone());
+            Arc::new(move |task, remained| {
+                let expires = remixd_domain::now_millis() + remixd_api::links::CALLBACK_LINK_MS;
+                let links = remixd_api::links::AnswerLinks::signed(
+                    signer.clone(),
+                    origin.clone(),
+                    &base,
+                    expires,
+                );
+                remixd_api::wire::callback_body_with(task, remained, &links)
+            })
+        } else {
+            Arc::new(remixd_api::wire::callback_body)
+        };
         Deliverer::new(
             store.clone(),
             fetcher.clone(),
@@ -267,6 +288,7 @@ pub async fn launch_with_listener(
         public_url: public_url.clone(),
         max_upload_bytes: settings.fetch.max_image_bytes,
         uploads_ttl_ms: (settings.retention.uploads_hours * 3_600_000.0) as i64,
+        private_files: settings.storage.private_files,
         ..ApiConfig::default()
     };
     let hooks = {

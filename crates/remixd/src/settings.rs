@@ -101,6 +101,8 @@ pub struct StorageSettings {
     /// tasks and uploads are refused (455), `/readyz` is not ready and workers pause;
     /// 0 turns the check off.
     pub min_free_mb: u64,
+    /// Plain `/files/` URLs answer 404; results are handed out as signed links.
+    pub private_files: bool,
 }
 
 impl Default for StorageSettings {
@@ -109,6 +111,7 @@ impl Default for StorageSettings {
             url: None,
             s3: S3Settings::default(),
             min_free_mb: 128,
+            private_files: false,
         }
     }
 }
@@ -228,6 +231,8 @@ pub struct PreviewSettings {
 pub struct FetchSettings {
     pub allow: Vec<String>,
     pub timeout_s: u64,
+    /// Bound on all of one task's downloads together.
+    pub task_timeout_s: u64,
     pub max_image_bytes: u64,
     pub max_pixels: u64,
 }
@@ -237,6 +242,7 @@ impl Default for FetchSettings {
         Self {
             allow: Vec::new(),
             timeout_s: 30,
+            task_timeout_s: 60,
             max_image_bytes: 10 * 1024 * 1024,
             max_pixels: 40_000_000,
         }
@@ -330,6 +336,9 @@ pub struct WorkerSettings {
     pub poll_ms: u64,
     /// Tasks fetching their inputs at once.
     pub fetch_concurrency: usize,
+    /// How many of those one account may hold; unset: half of `fetch_concurrency`, at
+    /// least 1.
+    pub fetch_per_account: Option<usize>,
     /// Wait before retrying a task whose engine was temporarily unavailable.
     pub retry_delay_ms: u64,
     /// Time that work in hand gets to finish after SIGTERM.
@@ -342,9 +351,18 @@ impl Default for WorkerSettings {
             lease_ms: 30_000,
             poll_ms: 1_000,
             fetch_concurrency: 4,
+            fetch_per_account: None,
             retry_delay_ms: 10_000,
             shutdown_grace_ms: 20_000,
         }
+    }
+}
+
+impl WorkerSettings {
+    /// `fetch_per_account`, or its default: half the fetch slots, at least one.
+    pub fn fetch_per_account(&self) -> usize {
+        self.fetch_per_account
+            .unwrap_or((self.fetch_concurrency / 2).max(1))
     }
 }
 
@@ -394,6 +412,19 @@ impl Settings {
                 remixd_api::ENDPOINTS.contains(&d.as_str()),
                 "api.disabled: unknown endpoint {d:?} (known: {})",
                 remixd_api::ENDPOINTS.join(", ")
+            );
+        }
+        anyhow::ensure!(
+            self.fetch.task_timeout_s >= self.fetch.timeout_s && self.fetch.task_timeout_s <= 3600,
+            "fetch.task_timeout_s must be at least fetch.timeout_s ({}) and at most 3600, not {}",
+            self.fetch.timeout_s,
+            self.fetch.task_timeout_s
+        );
+        if let Some(n) = self.worker.fetch_per_account {
+            anyhow::ensure!(
+                (1..=self.worker.fetch_concurrency).contains(&n),
+                "worker.fetch_per_account must be between 1 and worker.fetch_concurrency ({}), not {n}",
+                self.worker.fetch_concurrency
             );
         }
         if let Some(u) = &self.server.public_url {
@@ -520,6 +551,24 @@ mod tests {
         assert_eq!(s.limits.max_attempts, 3);
         assert_eq!(s.fetch.max_image_bytes, 10_485_760);
         assert!(s.database_url().ends_with("remixd-data/remixd.db"));
+        assert_eq!(s.fetch.task_timeout_s, 60);
+        assert_eq!(s.worker.fetch_per_account(), 2);
+        assert!(!s.storage.private_files);
+    }
+
+    #[test]
+    fn fetch_sharing_settings_are_range_checked() {
+        let mut s = Settings::default();
+        s.worker.fetch_concurrency = 1;
+        assert_eq!(s.worker.fetch_per_account(), 1, "at least one");
+        s.worker.fetch_per_account = Some(2);
+        let e = s.check().unwrap_err().to_string();
+        assert!(e.contains("worker.fetch_per_account"), "{e}");
+        s.worker.fetch_per_account = Some(1);
+        s.check().unwrap();
+        s.fetch.task_timeout_s = 10;
+        let e = s.check().unwrap_err().to_string();
+        assert!(e.contains("fetch.task_timeout_s"), "{e}");
     }
 
     #[test]
