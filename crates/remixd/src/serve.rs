@@ -25,13 +25,17 @@
 //!
 //! **The connection cap** (`server.max_connections`, by default derived from the
 //! open-files limit). At the cap a new connection is still accepted, and the oldest
-//! connection that is not doing useful work is closed to make room, in this order:
+//! connection that is not doing useful work is closed to make room. Connections
+//! younger than a grace (the header timeout, at most 1 s) go last, oldest first, so
+//! a new client always gets a moment to send its request; the others go in this order:
 //! connections that have not yet completed a request and have none in flight (idle
 //! since their start, or still sending their first head: what a slow-loris attacker
 //! holds), then idle or head-sending connections that have been served before, then
-//! connections whose request body is still arriving, then connections whose response
-//! the client is not reading. A connection whose request is being handled or streamed
-//! is never closed for room. So an attacker without a key, who can only hold
+//! connections whose request body is still arriving, then waiting connections whose
+//! client has sent bytes the server has not read yet (a complete request may be sitting
+//! there while the server is busy), then connections whose response the client is not
+//! reading. A connection whose request is being handled or streamed is never closed
+//! for room. So an attacker without a key, who can only hold
 //! connections of the first kinds, cannot keep a real client out: each new connection
 //! pushes out the attacker's oldest, and `/healthz` is served (a new client loses its
 //! place only if the attacker opens `max_connections` connections before the client's
@@ -60,6 +64,7 @@ use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -167,7 +172,10 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> io::Result<()> {
     let cfg = Arc::new(cfg);
-    let registry = Arc::new(Registry::new(cfg.max_connections));
+    let registry = Arc::new(Registry::new(
+        cfg.max_connections,
+        cfg.header_timeout.min(MAX_GRACE),
+    ));
     let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
     let tasks = TaskTracker::new();
     let mut backoff: Option<Duration> = None;
@@ -179,7 +187,7 @@ pub async fn serve(
         match accepted {
             Ok((stream, _)) => {
                 backoff = None;
-                let Some(conn) = registry.admit() else {
+                let Some(conn) = registry.admit(Some(stream.as_raw_fd())) else {
                     continue; // dropping the stream closes it
                 };
                 tasks.spawn(run_connection(
@@ -263,8 +271,9 @@ async fn run_connection(
         conn: conn.clone(),
         body_timeout: cfg.body_timeout,
     };
-    let served = builder.serve_connection(io, service);
-    tokio::pin!(served);
+    // Boxed so that it can be dropped explicitly, after the registry forgets the
+    // connection: the registry peeks at the socket only while it is registered.
+    let mut served = Box::pin(builder.serve_connection(io, service));
     let mut draining = false;
     loop {
         let deadline = conn.deadline(&cfg);
@@ -300,6 +309,7 @@ async fn run_connection(
         }
     }
     registry.remove(conn.id);
+    drop(served);
 }
 
 /// A connection's phase, as far as the timeouts and the cap care.
@@ -331,6 +341,9 @@ struct ConnState {
 /// One connection's shared state: the supervisor, the service and the I/O wrapper see it.
 struct Conn {
     id: u64,
+    accepted: Instant,
+    /// The socket, for [`Conn::unread`]; valid while the connection is registered.
+    fd: Option<RawFd>,
     state: Mutex<ConnState>,
     /// The last write found the socket full (the client is not reading).
     write_blocked: AtomicBool,
@@ -345,9 +358,11 @@ struct Conn {
 const BODY_GRACE: Duration = Duration::from_secs(1);
 
 impl Conn {
-    fn new(id: u64) -> Self {
+    fn new(id: u64, fd: Option<RawFd>) -> Self {
         Self {
             id,
+            accepted: Instant::now(),
+            fd,
             state: Mutex::new(ConnState {
                 phase: Phase::Fresh,
                 since: Instant::now(),
@@ -432,6 +447,26 @@ impl Conn {
         }
     }
 
+    /// Whether the client has sent bytes that the server has not read yet (its head
+    /// may be complete, waiting for a busy server to get to it), or has closed its side.
+    /// Only called by the registry, under its lock, on a registered connection.
+    fn unread(&self) -> Unread {
+        let Some(fd) = self.fd else {
+            return Unread::Nothing;
+        };
+        // SAFETY: the connection's task drops the socket (closing `fd`) only after
+        // removing the connection from the registry, under the registry's lock, which
+        // the caller holds; so `fd` is open and is this connection's socket.
+        let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+        let mut one = [std::mem::MaybeUninit::<u8>::uninit()];
+        // The socket is non-blocking: no data is WouldBlock, never a wait.
+        match socket2::SockRef::from(&fd).peek(&mut one) {
+            Ok(0) => Unread::Closed,
+            Ok(_) => Unread::Bytes,
+            Err(_) => Unread::Nothing,
+        }
+    }
+
     /// How willingly this connection is closed for room (lower first), and since
     /// when it has been so (older first); `None`: never.
     fn rank(&self) -> Option<(u8, Instant)> {
@@ -440,28 +475,46 @@ impl Conn {
             Phase::Fresh | Phase::Head if s.served == 0 => 0,
             Phase::Fresh | Phase::Idle | Phase::Head => 1,
             Phase::Busy if s.receiving > 0 => 2,
-            Phase::Busy if self.write_blocked.load(Ordering::Relaxed) => 3,
+            // 3: waiting connections with unread bytes (see `Registry::victim`).
+            Phase::Busy if self.write_blocked.load(Ordering::Relaxed) => 4,
             Phase::Busy => return None,
         };
         Some((rank, s.since))
     }
 }
 
+/// What [`Conn::unread`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Unread {
+    Nothing,
+    Bytes,
+    Closed,
+}
+
+/// How many waiting connections `Registry::victim` looks at for unread bytes.
+const PEEKS: usize = 8;
+/// The longest a new connection is protected from being closed for room (the header
+/// timeout when shorter; see `Registry::victim`).
+const MAX_GRACE: Duration = Duration::from_secs(1);
+
 /// The open connections, oldest first.
 struct Registry {
     conns: Mutex<BTreeMap<u64, Arc<Conn>>>,
     next_id: AtomicU64,
     max: usize,
+    /// How long a new connection is closed for room only after older ones.
+    grace: Duration,
     /// When a refusal was last logged: at most one line a second, however many.
     refusal_logged: Mutex<Option<Instant>>,
 }
 
 impl Registry {
-    fn new(max: usize) -> Self {
+    fn new(max: usize, grace: Duration) -> Self {
         Self {
             conns: Mutex::new(BTreeMap::new()),
             next_id: AtomicU64::new(0),
             max: max.max(1),
+            grace,
             refusal_logged: Mutex::new(None),
         }
     }
@@ -476,15 +529,10 @@ impl Registry {
 
     /// Registers a new connection, closing another for room at the cap; `None` when
     /// every open connection is busy with a request (the new one is to be closed).
-    fn admit(&self) -> Option<Arc<Conn>> {
+    fn admit(&self, fd: Option<RawFd>) -> Option<Arc<Conn>> {
         let mut conns = self.lock();
         if conns.len() >= self.max {
-            let victim = conns
-                .values()
-                .filter_map(|c| c.rank().map(|r| (r, c.id)))
-                .min()
-                .map(|(_, id)| id);
-            match victim.and_then(|id| conns.remove(&id)) {
+            match self.victim(&conns).and_then(|id| conns.remove(&id)) {
                 Some(v) => {
                     v.close.cancel();
                     metrics::counter!("remixd_http_connections_closed_total", "reason" => "evicted")
@@ -509,10 +557,59 @@ impl Registry {
             }
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let conn = Arc::new(Conn::new(id));
+        let conn = Arc::new(Conn::new(id, fd));
         conns.insert(id, conn.clone());
         metrics::gauge!("remixd_http_connections").set(conns.len() as f64);
         Some(conn)
+    }
+
+    /// The connection to close for room.
+    ///
+    /// Connections younger than the grace period come last, oldest first, whatever
+    /// they are doing: without that, when the rest of the cap is held by connections
+    /// of a higher rank (bodies arriving slowly, say), each new connection would be
+    /// the lowest-ranked one and be closed by the very next accept, before its client
+    /// could send a byte. With it, a new connection survives at least until the grace
+    /// has passed or as many newer ones have been accepted as the cap holds.
+    ///
+    /// Older connections go by rank, then age. A waiting one (rank 0 or 1) whose
+    /// client has sent bytes the server has not read yet is passed over for anything
+    /// but response-blocked and young ones: under load a real client's complete
+    /// request can sit unread for a while. Only the first [`PEEKS`] waiting
+    /// candidates are looked at (a system call each).
+    fn victim(&self, conns: &BTreeMap<u64, Arc<Conn>>) -> Option<u64> {
+        let now = Instant::now();
+        let mut ranked: Vec<(bool, u8, Instant, u64)> = conns
+            .values()
+            .filter_map(|c| {
+                let (rank, since) = c.rank()?;
+                Some(if now.duration_since(c.accepted) < self.grace {
+                    (true, 0, c.accepted, c.id)
+                } else {
+                    (false, rank, since, c.id)
+                })
+            })
+            .collect();
+        ranked.sort_unstable();
+        let mut passed_over = None;
+        let mut peeks = 0;
+        for (young, rank, _, id) in ranked {
+            if young {
+                return passed_over.or(Some(id));
+            }
+            if rank <= 1 && peeks < PEEKS {
+                peeks += 1;
+                if conns[&id].unread() == Unread::Bytes {
+                    passed_over = passed_over.or(Some(id));
+                    continue;
+                }
+            }
+            if rank >= 4 {
+                return passed_over.or(Some(id));
+            }
+            return Some(id);
+        }
+        passed_over
     }
 
     fn remove(&self, id: u64) {
@@ -923,32 +1020,86 @@ mod tests {
 
     #[test]
     fn the_cap_closes_the_least_useful_connection_first() {
-        let reg = Registry::new(3);
-        let a = reg.admit().unwrap(); // will be handling a request
-        let b = reg.admit().unwrap(); // served once, now idle
-        let c = reg.admit().unwrap(); // fresh: never sent a request
+        let reg = Registry::new(3, Duration::ZERO);
+        let a = reg.admit(None).unwrap(); // will be handling a request
+        let b = reg.admit(None).unwrap(); // served once, now idle
+        let c = reg.admit(None).unwrap(); // fresh: never sent a request
         a.request_started(None);
         b.request_started(None);
         b.request_finished();
-        let d = reg.admit().expect("room is made");
+        let d = reg.admit(None).expect("room is made");
         assert!(c.close.is_cancelled(), "the fresh connection goes first");
         assert!(!a.close.is_cancelled() && !b.close.is_cancelled());
         d.request_started(Some(Instant::now() + Duration::from_secs(60)));
-        let e = reg.admit().expect("room is made");
+        let e = reg.admit(None).expect("room is made");
         assert!(b.close.is_cancelled(), "then the idle one");
         e.request_started(None);
-        let f = reg.admit().expect("room is made");
+        let f = reg.admit(None).expect("room is made");
         assert!(d.close.is_cancelled(), "then one still sending its body");
         assert!(!a.close.is_cancelled() && !e.close.is_cancelled());
         // Now a and e are handling requests and f is fresh: f goes for the next.
-        let g = reg.admit().unwrap();
+        let g = reg.admit(None).unwrap();
         assert!(f.close.is_cancelled());
         g.request_started(None);
         assert!(
-            reg.admit().is_none(),
+            reg.admit(None).is_none(),
             "every connection busy: the new one is refused"
         );
         assert_eq!(reg.len(), 3);
+    }
+
+    #[test]
+    fn a_waiting_connection_with_unread_bytes_is_passed_over() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let mut accepted = Vec::new();
+        for bytes in [&b"GET /healthz HTTP/1.1\r\n\r\n"[..], b""] {
+            let mut c = std::net::TcpStream::connect(addr).unwrap();
+            std::io::Write::write_all(&mut c, bytes).unwrap();
+            let (s, _) = l.accept().unwrap();
+            s.set_nonblocking(true).unwrap();
+            accepted.push((c, s));
+        }
+        // Give the loopback a moment to deliver the first client's bytes.
+        std::thread::sleep(Duration::from_millis(50));
+        let reg = Registry::new(2, Duration::ZERO);
+        let with_bytes = reg.admit(Some(accepted[0].1.as_raw_fd())).unwrap();
+        let silent = reg.admit(Some(accepted[1].1.as_raw_fd())).unwrap();
+        assert_eq!(with_bytes.unread(), Unread::Bytes);
+        assert_eq!(silent.unread(), Unread::Nothing);
+        let blocked = reg.admit(None).unwrap();
+        assert!(
+            silent.close.is_cancelled(),
+            "the silent one goes, though younger"
+        );
+        assert!(!with_bytes.close.is_cancelled());
+        // Unread bytes still go before a response the client does not read.
+        blocked.request_started(None);
+        blocked.write_blocked.store(true, Ordering::Relaxed);
+        reg.admit(None).unwrap();
+        assert!(with_bytes.close.is_cancelled());
+        assert!(!blocked.close.is_cancelled());
+        drop(accepted);
+    }
+
+    #[test]
+    fn new_connections_go_last_and_oldest_first() {
+        let reg = Registry::new(2, Duration::from_secs(3600));
+        let receiving = reg.admit(None).unwrap();
+        receiving.request_started(Some(Instant::now() + Duration::from_secs(60)));
+        let fresh = reg.admit(None).unwrap();
+        reg.admit(None).unwrap();
+        assert!(
+            receiving.close.is_cancelled() && !fresh.close.is_cancelled(),
+            "within the grace the oldest goes, not the lowest rank"
+        );
+        // Past the grace, the rank decides again.
+        let reg = Registry::new(2, Duration::ZERO);
+        let receiving = reg.admit(None).unwrap();
+        receiving.request_started(Some(Instant::now() + Duration::from_secs(60)));
+        let fresh = reg.admit(None).unwrap();
+        reg.admit(None).unwrap();
+        assert!(fresh.close.is_cancelled() && !receiving.close.is_cancelled());
     }
 
     #[test]
@@ -961,7 +1112,7 @@ mod tests {
             shutdown_timeout: Duration::from_secs(1),
             always_200: false,
         };
-        let c = Conn::new(0);
+        let c = Conn::new(0, None);
         let accepted = c.lock().since;
         assert_eq!(
             c.deadline(&cfg),

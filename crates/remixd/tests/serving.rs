@@ -35,6 +35,14 @@ async fn until_closed(
     since: Instant,
     limit: Duration,
 ) -> (Vec<u8>, Option<Duration>) {
+    until_closed_read(s, since, limit).await
+}
+
+async fn until_closed_read(
+    s: &mut (impl tokio::io::AsyncRead + Unpin),
+    since: Instant,
+    limit: Duration,
+) -> (Vec<u8>, Option<Duration>) {
     let mut got = Vec::new();
     let mut buf = [0u8; 4096];
     let deadline = since + limit;
@@ -265,11 +273,13 @@ async fn requests_hyper_cannot_parse_are_answered_in_the_envelope() {
             400,
             "not valid HTTP/1.1",
         ),
+        // hyper's head limit (about 400 KB) is loose: a head a little over it may
+        // still be read whole in one go and served, so this one is well over.
         (
             "a huge header",
             format!(
                 "GET /healthz HTTP/1.1\r\nHost: t\r\nX: {}\r\n\r\n",
-                "a".repeat(500_000)
+                "a".repeat(2_000_000)
             )
             .into_bytes(),
             431,
@@ -284,10 +294,16 @@ async fn requests_hyper_cannot_parse_are_answered_in_the_envelope() {
     ];
     for (name, bytes, want, words) in cases {
         let start = Instant::now();
-        let mut s = TcpStream::connect(&addr).await.unwrap();
-        // A server may answer and close before it has read all of a huge head.
-        let _ = s.write_all(&bytes).await;
-        let (got, closed) = until_closed(&mut s, start, Duration::from_secs(5)).await;
+        let s = TcpStream::connect(&addr).await.unwrap();
+        // Written aside while the answer is read: the server answers a huge head, and
+        // closes, before it has read all of it.
+        let (mut r, mut w) = s.into_split();
+        let writer = tokio::spawn(async move {
+            let _ = w.write_all(&bytes).await;
+            w
+        });
+        let (got, closed) = until_closed_read(&mut r, start, Duration::from_secs(5)).await;
+        drop(writer);
         assert!(closed.is_some(), "{name}: closed after the answer");
         let (status, v) = envelope(&got);
         assert_eq!(status, want, "{name}");
@@ -405,20 +421,18 @@ async fn streams_share_a_watcher_get_every_change_and_are_capped_per_key() {
             );
         }
     }
-    // The streams opened together saw the same changes after their first event.
-    let tail = |evs: &Vec<Value>| -> Vec<(String, i64)> {
-        evs.iter()
-            .skip(1)
-            .map(|e| {
-                (
-                    e["state"].as_str().unwrap().to_string(),
-                    e["progress"].as_i64().unwrap(),
-                )
-            })
-            .collect()
-    };
-    assert_eq!(tail(&all[0]), tail(&all[1]));
-    assert!(tail(&all[0]).len() >= 2, "{:?}", all[0]);
+    // Each stream saw the task generate and then succeed (a stream that falls behind
+    // may skip progress values in between: the watcher keeps only the latest).
+    for evs in &all {
+        let mut states: Vec<&str> = Vec::new();
+        for e in evs {
+            let st = e["state"].as_str().unwrap();
+            if states.last() != Some(&st) {
+                states.push(st);
+            }
+        }
+        assert!(states.ends_with(&["generating", "success"]), "{states:?}");
+    }
     // After the end every slot is free again.
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut again = Vec::new();
@@ -727,10 +741,20 @@ async fn sigterm_ends_open_streams_and_the_drain_has_a_deadline() {
         .unwrap()
         .unwrap();
     assert!(String::from_utf8_lossy(&first).contains("generating"));
-    // And a request in flight that would hold the drain for two minutes.
-    let mut held = create_head(&key, "Content-Length: 5000\r\n");
-    held.extend_from_slice(b"{\"model\":");
-    let mut held = connect(&addr_of(&api), &held).await;
+    // And a request in flight that would hold the drain for two minutes: its handler
+    // is reading the body (hyper says `100 Continue` then), which never completes.
+    let mut held = connect(
+        &addr_of(&api),
+        &create_head(&key, "Content-Length: 5000\r\nExpect: 100-continue\r\n"),
+    )
+    .await;
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(10), held.read(&mut buf))
+        .await
+        .expect("100 Continue")
+        .unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 100 Continue"));
+    held.write_all(b"{\"model\":").await.unwrap();
 
     signal(&child, "-TERM");
     let termed = Instant::now();
