@@ -488,7 +488,19 @@ poll_ms = 50
 
 /// Starts `remixd serve` with its stderr in `log`, under an open-files limit
 /// (soft and hard) when `nofile` is given.
-fn spawn(config: &Path, log: &Path, nofile: Option<u64>) -> Child {
+/// The server process; killed if a failing test leaves it running.
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+fn spawn(config: &Path, log: &Path, nofile: Option<u64>) -> Server {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_remixd"));
     cmd.args(["serve", "--config"])
         .arg(config)
@@ -502,7 +514,7 @@ fn spawn(config: &Path, log: &Path, nofile: Option<u64>) -> Child {
             cmd.pre_exec(move || rlimit::setrlimit(rlimit::Resource::NOFILE, n, n));
         }
     }
-    cmd.spawn().expect("start remixd")
+    Server(cmd.spawn().expect("start remixd"))
 }
 
 /// The server's log, without the colour codes of its formatter.
@@ -694,8 +706,8 @@ async fn a_flood_of_unfinished_connections_cannot_starve_healthz_or_createtask()
         let d = client.wait_done(id, Duration::from_secs(60)).await;
         assert_eq!(d["state"], "success", "{d}");
     }
-    signal(&child, "-TERM");
-    assert!(wait_exit(&mut child, Duration::from_secs(20)).success());
+    signal(&child.0, "-TERM");
+    assert!(wait_exit(&mut child.0, Duration::from_secs(20)).success());
     let logged = read_log(&log);
     assert!(
         !logged.contains("Too many open files"),
@@ -756,7 +768,7 @@ async fn sigterm_ends_open_streams_and_the_drain_has_a_deadline() {
     assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 100 Continue"));
     held.write_all(b"{\"model\":").await.unwrap();
 
-    signal(&child, "-TERM");
+    signal(&child.0, "-TERM");
     let termed = Instant::now();
     let stream_end = tokio::spawn(async move {
         loop {
@@ -767,7 +779,7 @@ async fn sigterm_ends_open_streams_and_the_drain_has_a_deadline() {
         }
     });
     let (_, held_closed) = until_closed(&mut held, termed, Duration::from_secs(15)).await;
-    let status = wait_exit(&mut child, Duration::from_secs(15));
+    let status = wait_exit(&mut child.0, Duration::from_secs(15));
     let exited = termed.elapsed();
     assert!(status.success(), "SIGTERM exits 0: {status:?}");
     let ended = tokio::time::timeout(Duration::from_secs(5), stream_end)
