@@ -40,6 +40,12 @@ pub(crate) async fn json_body(
     }
     let limit = state.cfg.max_json_bytes;
     axum::body::to_bytes(body, limit).await.map_err(|e| {
+        if let Some(t) = cause::<crate::BodyTimeout>(&e) {
+            return ApiError::validation(format!(
+                "request body did not arrive in full within {} ms",
+                t.0.as_millis()
+            ));
+        }
         let too_large = std::error::Error::source(&e)
             .is_some_and(|s| s.is::<http_body_util_limit::LengthLimitError>())
             || e.to_string().contains("length limit");
@@ -51,6 +57,20 @@ pub(crate) async fn json_body(
             ApiError::validation("request body could not be read")
         }
     })
+}
+
+/// The first error of type `E` in `e`'s chain of sources.
+pub(crate) fn cause<'a, E: std::error::Error + 'static>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a E> {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(found) = err.downcast_ref::<E>() {
+            return Some(found);
+        }
+        cur = err.source();
+    }
+    None
 }
 
 mod http_body_util_limit {
@@ -504,14 +524,17 @@ pub async fn cancel(
 /// `GET /api/v1/jobs/stream?taskId=`: Server-Sent Events, one `task` event per change of
 /// state or progress (its data is the recordInfo object), closing after a terminal state.
 ///
-/// Each stream polls the database (every 200 ms), so it works whichever node runs the
-/// task; the query limit is charged once, when the stream opens.
+/// Streams on one task share one watcher that reads the database every 200 ms
+/// ([`crate::watch`]), so it works whichever node runs the task and costs one read per
+/// interval however many streams are open. The query limit is charged once, when the
+/// stream opens; a key has at most `limits.streams_per_key` streams open (429 past
+/// it). Every stream ends when the server begins to shut down.
 #[utoipa::path(
     get,
     path = "/api/v1/jobs/stream",
     operation_id = "stream",
     tag = "tasks",
-    description = "Extension: Server-Sent Events, one `task` event per change of state or progress (its data is the recordInfo object), closing after the terminal state.",
+    description = "Extension: Server-Sent Events, one `task` event per change of state or progress (its data is the recordInfo object), closing after the terminal state. A key has a limited number of streams open at once (429 past it).",
     params(crate::openapi::TaskIdQuery),
     responses(
         (status = 200, description = "An event stream of `task` events, each carrying a recordInfo object as JSON.", content_type = "text/event-stream", body = crate::openapi::TaskEvent),
@@ -528,43 +551,75 @@ pub async fn stream(
         impl futures::Stream<Item = Result<axum::response::sse::Event, std::convert::Infallible>>,
     >,
 > {
+    use crate::watch::Seen;
     use axum::response::sse::{Event, KeepAlive, Sse};
     let caller = querying_caller(&state, &headers, "stream").await?;
     let first = caller_task(&state, &caller, &q).await?;
+    let slot = state.stream_slots.acquire(&caller.key_id).ok_or_else(|| {
+        ApiError::RateLimited {
+            msg: format!(
+                "this API key already has {} streams open, the most allowed; close one first",
+                state.stream_slots.cap()
+            ),
+            // A slot frees when one of the key's streams ends, which cannot be foreseen.
+            retry_after_s: 5,
+        }
+    })?;
+    let rx = (!first.state.is_terminal()).then(|| state.watchers.subscribe(first.id));
+    struct Follow {
+        first: Option<remixd_store::TaskRecord>,
+        rx: Option<tokio::sync::watch::Receiver<Seen<remixd_store::TaskRecord>>>,
+        last: Option<(&'static str, u8)>,
+        done: bool,
+        shutdown: tokio_util::sync::CancellationToken,
+        links: crate::links::AnswerLinks,
+        _slot: crate::watch::StreamSlot,
+    }
     // Links signed when the stream opens, valid DOWNLOAD_LINK_MS from then.
     let links = crate::links::AnswerLinks::for_answer(&state).await?;
-    let id = first.id;
-    let events = futures::stream::unfold(
-        (Some(first), None::<(&'static str, u8)>, false),
-        move |(mut next, last, done)| {
-            let state = state.clone();
-            let links = links.clone();
-            async move {
-                if done {
-                    return None;
-                }
-                loop {
-                    let task = match next.take() {
-                        Some(t) => t,
-                        None => {
-                            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-                            state.store.task(&id).await.ok().flatten()?
-                        }
-                    };
-                    let key = (task.state.as_str(), task.progress);
-                    if Some(key) == last {
-                        continue;
+    let follow = Follow {
+        first: Some(first),
+        rx,
+        last: None,
+        done: false,
+        shutdown: state.shutdown.clone(),
+        links,
+        _slot: slot,
+    };
+    let events = futures::stream::unfold(follow, |mut f| async move {
+        if f.done {
+            return None;
+        }
+        loop {
+            let task = match f.first.take() {
+                Some(t) => t,
+                None => {
+                    let rx = f.rx.as_mut()?;
+                    tokio::select! {
+                        biased;
+                        _ = f.shutdown.cancelled() => return None,
+                        changed = rx.changed() => changed.ok()?,
                     }
-                    let terminal = task.state.is_terminal();
-                    let event = Event::default()
-                        .event("task")
-                        .json_data(links.record(task))
-                        .ok()?;
-                    return Some((Ok(event), (None, Some(key), terminal)));
+                    match &*rx.borrow_and_update() {
+                        Seen::Unread => continue,
+                        Seen::Gone => return None,
+                        Seen::Task(t) => t.clone(),
+                    }
                 }
+            };
+            let key = (task.state.as_str(), task.progress);
+            if Some(key) == f.last {
+                continue;
             }
-        },
-    );
+            f.done = task.state.is_terminal();
+            f.last = Some(key);
+            let event = Event::default()
+                .event("task")
+                .json_data(f.links.record(task))
+                .ok()?;
+            return Some((Ok(event), f));
+        }
+    });
     Ok(Sse::new(events).keep_alive(KeepAlive::default()))
 }
 

@@ -14,9 +14,11 @@ pub mod links;
 pub mod openapi;
 pub mod uploads;
 pub mod validate;
+pub mod watch;
 pub mod wire;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::{Request, State};
 use axum::http::StatusCode;
@@ -26,8 +28,9 @@ use axum::routing::{get, post};
 use axum::Router;
 use remixd_domain::CreditPrices;
 use remixd_engine::Engine;
-use remixd_store::{Blobs, Store};
+use remixd_store::{Blobs, Store, TaskRecord};
 use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
 
 use crate::error::{ApiError, IsEnvelopeError};
 use crate::limits::Limits;
@@ -75,6 +78,10 @@ pub struct ApiConfig {
     pub uploads_ttl_ms: i64,
     /// `storage.private_files`: plain `/files/` URLs answer 404; answers sign result URLs.
     pub private_files: bool,
+    /// Open SSE streams per API key (`limits.streams_per_key`); `0`: no cap.
+    pub streams_per_key: usize,
+    /// How often a stream's shared watcher reads its task.
+    pub stream_poll: Duration,
 }
 
 impl Default for ApiConfig {
@@ -91,6 +98,8 @@ impl Default for ApiConfig {
             max_upload_bytes: 10 * 1024 * 1024,
             uploads_ttl_ms: 24 * 3_600_000,
             private_files: false,
+            streams_per_key: 8,
+            stream_poll: Duration::from_millis(200),
         }
     }
 }
@@ -124,7 +133,20 @@ pub struct AppState {
     pub hooks: Hooks,
     /// Free space of the database's and the files' filesystems (off unless set).
     pub space: remixd_store::SpaceGuard,
+    /// The process's shutdown token: open SSE streams end when it fires.
+    pub shutdown: CancellationToken,
+    /// One shared poller per streamed task.
+    pub watchers: watch::Watchers<TaskRecord>,
+    /// Open streams per API key.
+    pub stream_slots: watch::StreamSlots,
 }
+
+/// The error a request body yields when it has not arrived in full within the
+/// server's body timeout (`server.body_timeout_ms`). The serving layer produces it;
+/// handlers that read a body answer it with a 422 envelope saying so.
+#[derive(Debug, thiserror::Error)]
+#[error("the request body did not arrive in full within {} ms", .0.as_millis())]
+pub struct BodyTimeout(pub Duration);
 
 impl AppState {
     pub fn new(
@@ -136,6 +158,13 @@ impl AppState {
         hooks: Hooks,
     ) -> Self {
         let limits = Limits::new(cfg.create_per_10s, cfg.query_per_s);
+        let reader = store.clone();
+        let fetch: watch::FetchFn<TaskRecord> = Arc::new(move |id| {
+            let store = reader.clone();
+            Box::pin(async move { store.task(&id).await.map_err(|e| e.to_string()) })
+        });
+        let watchers = watch::Watchers::new(fetch, |t| t.state.is_terminal(), cfg.stream_poll);
+        let stream_slots = watch::StreamSlots::new(cfg.streams_per_key);
         Self {
             store,
             blobs,
@@ -145,6 +174,9 @@ impl AppState {
             limits,
             hooks,
             space: remixd_store::SpaceGuard::default(),
+            shutdown: CancellationToken::new(),
+            watchers,
+            stream_slots,
         }
     }
 
@@ -161,6 +193,12 @@ impl AppState {
             tracing::warn!(reason = %e, "refusing a write: storage is low");
             ApiError::Unavailable(crate::error::STORAGE_FULL.into())
         })
+    }
+
+    /// Ties the state to the process's shutdown token (SSE streams end when it fires).
+    pub fn with_shutdown(mut self, shutdown: CancellationToken) -> Self {
+        self.shutdown = shutdown;
+        self
     }
 
     /// 505 when the operator switched this endpoint off.

@@ -3,14 +3,16 @@
 //!
 //! [`launch_with_listener`] is the one entry point that turns settings into a running
 //! service: it opens the store and file storage, creates the default account on an
-//! empty database, builds the engine, starts the workers and serves the API until the
-//! shutdown token fires, then drains everything in order (stop accepting, finish or
-//! release work in hand).
+//! empty database, builds the engine, starts the workers and serves the API through
+//! [`serve`] (connection cap and timeouts) until the shutdown token fires, then drains
+//! everything in order (stop accepting, end streams, finish requests within the drain
+//! deadline, finish or release work in hand).
 
 pub mod bench;
 pub mod cli;
 pub mod demo;
 pub mod generate;
+pub mod serve;
 pub mod settings;
 pub mod submit;
 pub mod telemetry;
@@ -289,6 +291,7 @@ pub async fn launch_with_listener(
         max_upload_bytes: settings.fetch.max_image_bytes,
         uploads_ttl_ms: (settings.retention.uploads_hours * 3_600_000.0) as i64,
         private_files: settings.storage.private_files,
+        streams_per_key: settings.limits.streams_per_key,
         ..ApiConfig::default()
     };
     let hooks = {
@@ -307,7 +310,8 @@ pub async fn launch_with_listener(
             api_cfg,
             hooks,
         )
-        .with_space(space),
+        .with_space(space)
+        .with_shutdown(shutdown.clone()),
     );
     let app = match role {
         Role::Worker => remixd_api::health_router(state.clone()),
@@ -326,16 +330,16 @@ pub async fn launch_with_listener(
         });
     }
 
+    let serve_cfg = serve::ServeConfig::from_settings(&settings, serve::raise_nofile_limit());
     tracing::info!(
         listen = %addr, public_url = %public_url, engine = engine.name(), role = ?role,
         database = %settings.database_url(), storage = %settings.storage_url(),
+        max_connections = serve_cfg.max_connections,
         "remixd started (engine: {})", engine.name()
     );
-    let serve = axum::serve(listener, app).with_graceful_shutdown({
-        let s = shutdown.clone();
-        async move { s.cancelled().await }
-    });
-    serve.await.context("serving HTTP")?;
+    serve::serve(listener, app, serve_cfg, shutdown.clone())
+        .await
+        .context("serving HTTP")?;
     tracing::info!("HTTP stopped; draining workers");
     tracker.close();
     tracker.wait().await;

@@ -72,6 +72,17 @@ pub struct ServerSettings {
     /// Defaults to `http://<listen>` (with the port actually bound).
     pub public_url: Option<String>,
     pub metrics_listen: Option<String>,
+    /// Time a client has to send a request's head: from the connection's start for its
+    /// first request, from the first byte for later ones.
+    pub header_timeout_ms: u64,
+    /// Time a client has to send a request's whole body, from the end of its head.
+    pub body_timeout_ms: u64,
+    /// Time a kept-alive connection may wait between requests.
+    pub idle_timeout_ms: u64,
+    /// Connections open at once; `0` derives it from the open-files limit.
+    pub max_connections: usize,
+    /// Time open connections get to finish after shutdown begins; then they are dropped.
+    pub shutdown_timeout_ms: u64,
 }
 
 impl Default for ServerSettings {
@@ -80,6 +91,11 @@ impl Default for ServerSettings {
             listen: "127.0.0.1:8080".into(),
             public_url: None,
             metrics_listen: None,
+            header_timeout_ms: 10_000,
+            body_timeout_ms: 60_000,
+            idle_timeout_ms: 60_000,
+            max_connections: 0,
+            shutdown_timeout_ms: 10_000,
         }
     }
 }
@@ -255,6 +271,8 @@ pub struct LimitsSettings {
     pub create_per_10s: u32,
     pub query_per_s: u32,
     pub max_attempts: i64,
+    /// SSE streams open at once per API key.
+    pub streams_per_key: usize,
 }
 
 impl Default for LimitsSettings {
@@ -263,6 +281,7 @@ impl Default for LimitsSettings {
             create_per_10s: 20,
             query_per_s: 10,
             max_attempts: 3,
+            streams_per_key: 8,
         }
     }
 }
@@ -427,6 +446,30 @@ impl Settings {
                 self.worker.fetch_concurrency
             );
         }
+        let srv = &self.server;
+        for (key, v, range) in [
+            ("header_timeout_ms", srv.header_timeout_ms, 100..=600_000),
+            ("body_timeout_ms", srv.body_timeout_ms, 100..=3_600_000),
+            ("idle_timeout_ms", srv.idle_timeout_ms, 100..=3_600_000),
+            ("shutdown_timeout_ms", srv.shutdown_timeout_ms, 0..=600_000),
+        ] {
+            anyhow::ensure!(
+                range.contains(&v),
+                "server.{key} must be {}..={} (milliseconds), not {v}",
+                range.start(),
+                range.end()
+            );
+        }
+        anyhow::ensure!(
+            srv.max_connections <= 1_000_000,
+            "server.max_connections must be 0 (derived from the open-files limit) or 1..=1000000, not {}",
+            srv.max_connections
+        );
+        anyhow::ensure!(
+            (1..=1000).contains(&self.limits.streams_per_key),
+            "limits.streams_per_key must be 1..=1000, not {}",
+            self.limits.streams_per_key
+        );
         if let Some(u) = &self.server.public_url {
             let parsed =
                 url::Url::parse(u).map_err(|e| anyhow::anyhow!("server.public_url {u:?}: {e}"))?;
@@ -554,6 +597,18 @@ mod tests {
         assert_eq!(s.fetch.task_timeout_s, 60);
         assert_eq!(s.worker.fetch_per_account(), 2);
         assert!(!s.storage.private_files);
+        assert_eq!(
+            (
+                s.server.header_timeout_ms,
+                s.server.body_timeout_ms,
+                s.server.idle_timeout_ms,
+                s.server.max_connections,
+                s.server.shutdown_timeout_ms,
+                s.limits.streams_per_key
+            ),
+            (10_000, 60_000, 60_000, 0, 10_000, 8)
+        );
+        s.check().unwrap();
     }
 
     #[test]
@@ -569,6 +624,27 @@ mod tests {
         s.fetch.task_timeout_s = 10;
         let e = s.check().unwrap_err().to_string();
         assert!(e.contains("fetch.task_timeout_s"), "{e}");
+    }
+
+    #[test]
+    fn server_timeouts_and_stream_cap_are_range_checked() {
+        let bad = |f: fn(&mut Settings)| {
+            let mut s = Settings::default();
+            f(&mut s);
+            s.check().unwrap_err().to_string()
+        };
+        assert!(bad(|s| s.server.header_timeout_ms = 0).contains("server.header_timeout_ms"));
+        assert!(bad(|s| s.server.body_timeout_ms = 99).contains("server.body_timeout_ms"));
+        assert!(bad(|s| s.server.idle_timeout_ms = 4_000_000).contains("server.idle_timeout_ms"));
+        assert!(
+            bad(|s| s.server.shutdown_timeout_ms = 600_001).contains("server.shutdown_timeout_ms")
+        );
+        assert!(bad(|s| s.server.max_connections = 2_000_000).contains("server.max_connections"));
+        assert!(bad(|s| s.limits.streams_per_key = 0).contains("limits.streams_per_key"));
+        let mut ok = Settings::default();
+        ok.server.shutdown_timeout_ms = 0;
+        ok.server.max_connections = 1;
+        ok.check().unwrap();
     }
 
     #[test]
