@@ -193,12 +193,18 @@ pub async fn launch_with_listener(
     .context("fetch settings")?;
 
     let tracker = TaskTracker::new();
+    let serve_cfg = serve::ServeConfig::from_settings(&settings, serve::raise_nofile_limit());
     if let Some(addr) = &settings.server.metrics_listen {
         let l = TcpListener::bind(addr)
             .await
             .with_context(|| format!("server.metrics_listen: cannot listen on {addr}"))?;
         tracing::info!(listen = %l.local_addr()?, "metrics on /metrics");
-        telemetry::serve(l, store.clone(), &tracker, shutdown.clone());
+        // The same timeouts; a handful of scrapers need few connections.
+        let cfg = serve::ServeConfig {
+            max_connections: 32,
+            ..serve_cfg.clone()
+        };
+        telemetry::serve(l, store.clone(), cfg, &tracker, shutdown.clone());
     }
     let wake = Wakeup::default();
     if role != Role::Api {
@@ -330,7 +336,6 @@ pub async fn launch_with_listener(
         });
     }
 
-    let serve_cfg = serve::ServeConfig::from_settings(&settings, serve::raise_nofile_limit());
     tracing::info!(
         listen = %addr, public_url = %public_url, engine = engine.name(), role = ?role,
         database = %settings.database_url(), storage = %settings.storage_url(),

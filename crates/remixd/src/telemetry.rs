@@ -33,6 +33,7 @@ fn handle() -> &'static PrometheusHandle {
 pub fn serve(
     listener: tokio::net::TcpListener,
     store: Arc<dyn Store>,
+    cfg: crate::serve::ServeConfig,
     tracker: &TaskTracker,
     shutdown: CancellationToken,
 ) {
@@ -59,9 +60,10 @@ pub fn serve(
             }
         }),
     );
+    // The API's serving loop: connection cap, head/body/idle timeouts, drain deadline.
     tracker.spawn(async move {
-        let _ = axum::serve(listener, app)
-            .with_graceful_shutdown(async move { shutdown.cancelled().await })
-            .await;
+        if let Err(e) = crate::serve::serve(listener, app, cfg, shutdown).await {
+            tracing::warn!(error = %e, "metrics listener stopped");
+        }
     });
 }
