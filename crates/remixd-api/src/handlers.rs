@@ -210,6 +210,90 @@ pub async fn record_info(
     Ok(ok(links.record(task)))
 }
 
+/// list's `data`: a page of the caller's tasks, newest first.
+#[derive(Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TaskPage {
+    /// Each as the recordInfo object.
+    tasks: Vec<RecordInfo>,
+    /// Pass as `cursor` for the next page; `null` on the last one.
+    next_cursor: Option<String>,
+}
+
+/// What a list cursor signs: the account, so another account's cursor is refused, and
+/// the last task shown. Two newlines: never confusable with a link's "key\nexpires".
+fn cursor_message(account_id: &str, last: &TaskId) -> String {
+    format!("list-cursor\n{account_id}\n{last}")
+}
+
+/// Extension: the caller's own tasks, newest first, a page at a time.
+#[utoipa::path(
+    get,
+    path = "/api/v1/jobs/list",
+    operation_id = "list",
+    tag = "tasks",
+    description = "Extension: the caller's own tasks, newest first, each as the recordInfo object. Counts against the key's query rate like recordInfo.",
+    params(
+        ("limit" = Option<u32>, Query, description = "Tasks per page, 1 to 100; default 20.", minimum = 1, maximum = 100),
+        ("cursor" = Option<String>, Query, description = "The `nextCursor` of the previous page; a cursor this server did not issue, or of another account, is a 422."),
+    ),
+    responses(
+        (status = 200, description = "A page of tasks.", body = Envelope<TaskPage>),
+        crate::openapi::ListErrors,
+    ),
+    security(("bearer" = [])),
+)]
+pub async fn list(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    RawQuery(q): RawQuery,
+) -> AppResult<Json<Envelope<TaskPage>>> {
+    let caller = querying_caller(&state, &headers, "list").await?;
+    let limit = match query_param(&q, "limit").filter(|v| !v.is_empty()) {
+        None => 20,
+        Some(v) => v
+            .parse::<i64>()
+            .ok()
+            .filter(|n| (1..=100).contains(n))
+            .ok_or_else(|| ApiError::validation("limit must be an integer from 1 to 100"))?,
+    };
+    let signer = state.link_signer().await?;
+    let before = match query_param(&q, "cursor").filter(|c| !c.is_empty()) {
+        None => None,
+        Some(c) => {
+            let bad = || {
+                ApiError::validation("cursor is not a cursor this server issued to this account")
+            };
+            let (id, tag) = c.split_once('.').ok_or_else(bad)?;
+            let id: TaskId = id.parse().map_err(|_| bad())?;
+            if id.to_string() != c[..c.len() - tag.len() - 1]
+                || !signer.tag_matches(&cursor_message(&caller.account_id, &id), tag)
+            {
+                return Err(bad());
+            }
+            Some(id)
+        }
+    };
+    let mut tasks = state
+        .store
+        .list_tasks(&caller.account_id, before.as_ref(), limit + 1)
+        .await?;
+    let next_cursor = if tasks.len() as i64 > limit {
+        tasks.truncate(limit as usize);
+        tasks.last().map(|t| {
+            let tag = signer.tag(&cursor_message(&caller.account_id, &t.id));
+            format!("{}.{tag}", t.id)
+        })
+    } else {
+        None
+    };
+    let links = crate::links::AnswerLinks::for_answer(&state).await?;
+    Ok(ok(TaskPage {
+        tasks: tasks.into_iter().map(|t| links.record(t)).collect(),
+        next_cursor,
+    }))
+}
+
 /// The account's credit balance.
 #[utoipa::path(
     get,

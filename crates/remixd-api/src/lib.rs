@@ -48,12 +48,13 @@ pub enum ErrorHttpStatus {
 }
 
 /// Endpoint names for `api.disabled`.
-pub const ENDPOINTS: [&str; 7] = [
+pub const ENDPOINTS: [&str; 8] = [
     "createTask",
     "recordInfo",
     "credit",
     "cancel",
     "stream",
+    "list",
     "upload",
     "download-url",
 ];
@@ -133,6 +134,8 @@ pub struct AppState {
     pub hooks: Hooks,
     /// Free space of the database's and the files' filesystems (off unless set).
     pub space: remixd_store::SpaceGuard,
+    /// The link key, read from the database once: it never changes after it is made.
+    signer: tokio::sync::OnceCell<links::LinkSigner>,
     /// The process's shutdown token: open SSE streams end when it fires.
     pub shutdown: CancellationToken,
     /// One shared poller per streamed task.
@@ -174,10 +177,19 @@ impl AppState {
             limits,
             hooks,
             space: remixd_store::SpaceGuard::default(),
+            signer: tokio::sync::OnceCell::new(),
             shutdown: CancellationToken::new(),
             watchers,
             stream_slots,
         }
+    }
+
+    /// The signer of download links and list cursors.
+    pub(crate) async fn link_signer(&self) -> Result<links::LinkSigner, remixd_store::StoreError> {
+        self.signer
+            .get_or_try_init(|| links::LinkSigner::load(&*self.store))
+            .await
+            .cloned()
     }
 
     /// Refuses writes (tasks, uploads) while storage is under its free-space minimum.
@@ -219,6 +231,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/v1/jobs/recordInfo", get(handlers::record_info))
         .route("/api/v1/jobs/cancel", post(handlers::cancel))
         .route("/api/v1/jobs/stream", get(handlers::stream))
+        .route("/api/v1/jobs/list", get(handlers::list))
         .route("/api/v1/chat/credit", get(handlers::credit))
         .route("/api/v1/common/download-url", post(uploads::download_url))
         .route(

@@ -66,9 +66,21 @@ impl LinkSigner {
 
     /// The canonical signature: lower-case hex.
     pub fn signature(&self, file_key: &str, expires: i64) -> String {
+        self.tag(&format!("{file_key}\n{expires}"))
+    }
+
+    /// The HMAC of `message`, lower-case hex. Messages of different uses must not be
+    /// confusable: a file key holds no newline, so "key\nexpires" has exactly one.
+    pub fn tag(&self, message: &str) -> String {
         let mut m = HmacSha256::new_from_slice(&self.key).expect("any key length");
-        m.update(format!("{file_key}\n{expires}").as_bytes());
+        m.update(message.as_bytes());
         hex::encode(m.finalize().into_bytes())
+    }
+
+    /// Whether `tag` is the canonical tag of `message`, in constant time.
+    pub fn tag_matches(&self, message: &str, tag: &str) -> bool {
+        let want = self.tag(message);
+        want.len() == tag.len() && bool::from(want.as_bytes().ct_eq(tag.as_bytes()))
     }
 
     /// Whether `expires`/`signature` (query values) sign `file_key` and are unexpired at
@@ -85,8 +97,7 @@ impl LinkSigner {
         if exp < now {
             return false;
         }
-        let want = self.signature(file_key, exp);
-        want.len() == signature.len() && bool::from(want.as_bytes().ct_eq(signature.as_bytes()))
+        self.tag_matches(&format!("{file_key}\n{exp}"), signature)
     }
 
     /// `<base>/files/<key>?expires=…&signature=…`.
@@ -142,7 +153,7 @@ impl AnswerLinks {
         let Some(origin) = origin(state) else {
             return Ok(Self::plain());
         };
-        let signer = LinkSigner::load(&*state.store).await?;
+        let signer = state.link_signer().await?;
         let expires = remixd_domain::now_millis() + DOWNLOAD_LINK_MS;
         Ok(Self::signed(signer, origin, &state.cfg.public_url, expires))
     }

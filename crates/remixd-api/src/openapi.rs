@@ -42,6 +42,7 @@ use crate::error::http_status_for;
         crate::handlers::record_info,
         crate::handlers::cancel,
         crate::handlers::stream,
+        crate::handlers::list,
         crate::handlers::credit,
         crate::uploads::download_url,
         crate::uploads::stream_upload,
@@ -397,6 +398,15 @@ pub struct TaskErrors;
 impl IntoResponses for TaskErrors {
     fn responses() -> BTreeMap<String, RefOr<utoipa::openapi::response::Response>> {
         envelope_errors(&[401, 404, 422, 429, 500, 505])
+    }
+}
+
+/// list's errors.
+pub struct ListErrors;
+
+impl IntoResponses for ListErrors {
+    fn responses() -> BTreeMap<String, RefOr<utoipa::openapi::response::Response>> {
+        envelope_errors(&[401, 422, 429, 500, 505])
     }
 }
 

@@ -448,7 +448,7 @@ pub(crate) async fn link_valid(
     expires: &str,
     signature: &str,
 ) -> Result<bool, ApiError> {
-    let signer = crate::links::LinkSigner::load(&*state.store).await?;
+    let signer = state.link_signer().await?;
     Ok(signer.verify(file_key, expires, signature, now_millis()))
 }
 
@@ -492,7 +492,7 @@ pub async fn download_url(
         ));
     }
     let expires = now_millis() + DOWNLOAD_LINK_MS;
-    let signer = crate::links::LinkSigner::load(&*state.store).await?;
+    let signer = state.link_signer().await?;
     Ok(ok(signer.link(&state.cfg.public_url, &file_key, expires)))
 }
 

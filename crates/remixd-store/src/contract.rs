@@ -94,6 +94,33 @@ where
     callback_outbox(&*make().await).await;
     idempotency_keys(make().await).await;
     retention_rows(&*make().await).await;
+    task_list_pages(&*make().await).await;
+}
+
+/// An account's tasks, newest first, page after page; never another account's.
+pub async fn task_list_pages(s: &dyn Store) {
+    let (a, ka) = account_with_key(s, "lista", 1000, KeyLimits::default()).await;
+    let (b, kb) = account_with_key(s, "listb", 1000, KeyLimits::default()).await;
+    let mut mine = Vec::new();
+    for i in 0..5 {
+        let t = new_task(&a, &ka, 1, 100 + i);
+        s.create_task(t.clone()).await.unwrap();
+        mine.push(t.id);
+        s.create_task(new_task(&b, &kb, 1, 100 + i)).await.unwrap();
+    }
+    mine.reverse(); // newest first
+    let p1 = s.list_tasks(&a, None, 2).await.unwrap();
+    let p2 = s.list_tasks(&a, Some(&p1[1].id), 2).await.unwrap();
+    let p3 = s.list_tasks(&a, Some(&p2[1].id), 2).await.unwrap();
+    let ids: Vec<_> = [p1, p2, p3.clone()].concat().iter().map(|t| t.id).collect();
+    assert_eq!(ids, mine);
+    assert_eq!(p3.len(), 1);
+    assert!(s
+        .list_tasks(&a, Some(&p3[0].id), 2)
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(s.list_tasks("nobody", None, 10).await.unwrap().is_empty());
 }
 
 /// Old terminal tasks are listed first and deleted after (files before rows); live

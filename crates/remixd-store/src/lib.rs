@@ -358,6 +358,14 @@ pub trait Store: Send + Sync + 'static {
     async fn get_task(&self, id: &TaskId, account_id: &str) -> Result<Option<TaskRecord>>;
     /// A task by id alone, for workers and operators.
     async fn task(&self, id: &TaskId) -> Result<Option<TaskRecord>>;
+    /// Up to `limit` tasks of an account, newest first, those older than `before` when
+    /// given (the task list's pages).
+    async fn list_tasks(
+        &self,
+        account_id: &str,
+        before: Option<&TaskId>,
+        limit: i64,
+    ) -> Result<Vec<TaskRecord>>;
 
     // The queue.
     /// Claims a ready task of a stage with a lease until `lease_until`: for

@@ -502,6 +502,28 @@ impl Store for SqliteStore {
         row.as_ref().map(task_from_row).transpose()
     }
 
+    async fn list_tasks(
+        &self,
+        account_id: &str,
+        before: Option<&TaskId>,
+        limit: i64,
+    ) -> Result<Vec<TaskRecord>> {
+        // Ids are UUIDv7 hex, so their order is creation order.
+        let sql = format!(
+            "SELECT {TASK_COLUMNS} FROM tasks WHERE account_id = ? AND (? IS NULL OR id < ?) \
+             ORDER BY id DESC LIMIT ?"
+        );
+        let before = before.map(|b| b.to_string());
+        let rows = sqlx::query(&sql)
+            .bind(account_id)
+            .bind(&before)
+            .bind(&before)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(task_from_row).collect()
+    }
+
     async fn claim(
         &self,
         stage: Stage,

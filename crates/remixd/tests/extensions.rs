@@ -1,5 +1,5 @@
-//! API.md §8 extensions: Idempotency-Key, cancel (also of a task that is generating)
-//! and the Server-Sent Events stream.
+//! API.md §8 extensions: Idempotency-Key, cancel (also of a task that is generating),
+//! the Server-Sent Events stream and the task list.
 
 mod common;
 
@@ -249,5 +249,103 @@ async fn the_stream_sends_each_change_and_closes_after_the_end() {
             .code(),
         404
     );
+    srv.stop().await;
+}
+
+/// `GET /api/v1/jobs/list`: the caller's own tasks, newest first, page by page; a
+/// cursor of another account or one this server never issued is a 422 naming `cursor`.
+#[tokio::test]
+async fn the_list_pages_through_the_callers_own_tasks() {
+    let srv = TestServer::start_with(|s| s.limits.query_per_s = 50).await;
+    let img = ImageServer::start().await;
+    let other = srv
+        .account("other", 1000, remixd_domain::KeyLimits::default())
+        .await;
+    let body = task_body(
+        &img.url("slow/60000"),
+        &img.url("astronaut.webp"),
+        json!({}),
+    );
+    let mut mine = Vec::new();
+    for _ in 0..5 {
+        mine.push(srv.api.create_ok(&body).await);
+        other.create_ok(&body).await;
+    }
+    mine.reverse(); // newest first
+
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let q = match &cursor {
+            Some(c) => format!("/api/v1/jobs/list?limit=2&cursor={c}"),
+            None => "/api/v1/jobs/list?limit=2".to_string(),
+        };
+        let a = srv.api.get(&q).await;
+        assert_eq!(a.code(), 200, "{:?}", a.body);
+        pages += 1;
+        for t in a.body["data"]["tasks"].as_array().unwrap() {
+            assert_eq!(t["model"], "ideogram/character-remix");
+            assert!(t["param"].is_string() && t["state"].is_string());
+            seen.push(t["taskId"].as_str().unwrap().to_string());
+        }
+        match a.body["data"]["nextCursor"].as_str() {
+            Some(c) => cursor = Some(c.to_string()),
+            None => {
+                assert!(a.body["data"]["nextCursor"].is_null());
+                break;
+            }
+        }
+    }
+    assert_eq!(
+        seen, mine,
+        "all of mine, newest first, none of the other account's"
+    );
+    assert_eq!(pages, 3);
+    let all = srv.api.get("/api/v1/jobs/list").await;
+    assert_eq!(
+        all.body["data"]["tasks"].as_array().unwrap().len(),
+        5,
+        "default 20"
+    );
+
+    // Another account's cursor, an altered one and garbage are refused, naming cursor.
+    let theirs = other.get("/api/v1/jobs/list?limit=1").await;
+    let their_cursor = theirs.body["data"]["nextCursor"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mine_cursor = srv.api.get("/api/v1/jobs/list?limit=1").await.body["data"]["nextCursor"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let upper = mine_cursor.to_uppercase();
+    for bad in [their_cursor.as_str(), "abc", "x.y", upper.as_str()] {
+        let a = srv
+            .api
+            .get(&format!("/api/v1/jobs/list?cursor={bad}"))
+            .await;
+        assert_eq!(a.code(), 422, "{bad}: {:?}", a.body);
+        assert!(a.msg().contains("cursor"), "{}", a.msg());
+    }
+    for bad in ["0", "101", "x", "-1"] {
+        let a = srv.api.get(&format!("/api/v1/jobs/list?limit={bad}")).await;
+        assert_eq!(a.code(), 422, "{bad}");
+        assert!(a.msg().contains("limit"), "{}", a.msg());
+    }
+    let anon = remixd_testkit::Api::new(&srv.api.base, "");
+    assert_eq!(anon.get("/api/v1/jobs/list").await.code(), 401);
+    srv.stop().await;
+}
+
+/// The list counts against the key's query rate like recordInfo.
+#[tokio::test]
+async fn the_list_counts_against_the_query_rate() {
+    let srv = TestServer::start_with(|s| s.limits.query_per_s = 3).await;
+    let mut codes = Vec::new();
+    for _ in 0..6 {
+        codes.push(srv.api.get("/api/v1/jobs/list").await.code());
+    }
+    assert!(codes.contains(&429), "{codes:?}");
     srv.stop().await;
 }

@@ -10,11 +10,12 @@ use common::TestServer;
 use serde_json::Value;
 
 /// Every route of the router: (method, path as OpenAPI writes it, needs the bearer key).
-const ENDPOINTS: [(&str, &str, bool); 13] = [
+const ENDPOINTS: [(&str, &str, bool); 14] = [
     ("post", "/api/v1/jobs/createTask", true),
     ("get", "/api/v1/jobs/recordInfo", true),
     ("post", "/api/v1/jobs/cancel", true),
     ("get", "/api/v1/jobs/stream", true),
+    ("get", "/api/v1/jobs/list", true),
     ("get", "/api/v1/chat/credit", true),
     ("post", "/api/v1/common/download-url", true),
     ("post", "/api/file-stream-upload", true),
