@@ -144,6 +144,10 @@ impl Deliverer {
         let inner = tracker.clone();
         tracker.spawn(async move {
             let permits = Arc::new(Semaphore::new(me.cfg.concurrency.max(1)));
+            let mut backoff = crate::backoff::Backoff::new(
+                me.cfg.poll_interval,
+                crate::backoff::MAX_LOOP_PAUSE,
+            );
             while !shutdown.is_cancelled() {
                 let free = permits.available_permits() as i64;
                 let mut claimed = 0;
@@ -152,6 +156,7 @@ impl Deliverer {
                     let lease = now + me.cfg.timeout.as_millis() as i64 + 30_000;
                     match me.store.claim_deliveries(&me.owner, now, lease, free).await {
                         Ok(batch) => {
+                            backoff.reset();
                             claimed = batch.len();
                             for d in batch {
                                 let permit =
@@ -163,7 +168,15 @@ impl Deliverer {
                                 });
                             }
                         }
-                        Err(e) => tracing::warn!(error = %e, "claiming deliveries failed"),
+                        Err(e) => {
+                            let pause = backoff.fail();
+                            tracing::warn!(error = %e, pause_ms = pause.as_millis() as u64, "claiming deliveries failed; backing off");
+                            tokio::select! {
+                                _ = tokio::time::sleep(pause) => {}
+                                _ = shutdown.cancelled() => {}
+                            }
+                            continue;
+                        }
                     }
                 }
                 if claimed > 0 && claimed as i64 == free {
