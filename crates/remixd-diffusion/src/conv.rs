@@ -323,15 +323,18 @@ impl CpuConv<'_> {
                 // dst[c_out × n·wo] (row stride `plane`) += w[c_out × depth] · rhs[depth × n·wo].
                 // SAFETY: `dst` holds `c_out` planes of `plane` elements; this strip
                 // writes rows `top..top + n` of each, `n·wo` elements from `top·wo`, all
-                // inside it. `w` holds `c_out·depth` elements (its shape was checked) and
-                // `rhs` `depth` rows of `n·wo` (the image itself when direct, whose
-                // `c = depth` planes are `plane = n·wo` long). The buffers do not overlap.
+                // inside `dst[top·wo..]`, the slice its pointer comes from (a pointer
+                // derived from a slice may reach all of that slice and nothing else). `w`
+                // holds `c_out·depth` elements (its shape was checked) and `rhs` `depth`
+                // rows of `n·wo` (the image itself when direct, whose `c = depth` planes
+                // are `plane = n·wo` long), each read through its own whole slice's
+                // pointer. The buffers do not overlap.
                 unsafe {
                     gemm::gemm(
                         c_out,
                         n * wo,
                         depth,
-                        dst.as_mut_ptr().add(top * wo),
+                        dst[top * wo..].as_mut_ptr(),
                         1,
                         plane as isize,
                         true,
