@@ -676,6 +676,48 @@ mod tests {
     }
 
     #[test]
+    fn blocks_hold_exactly_what_a_product_reads() {
+        // The pointers handed to `gemm` come from these slices, so each must hold every
+        // element the product reads at the operand's strides, and (for the provenance
+        // argument to be tight) end at the last of them. Transposed (channel stride 80),
+        // broadcast over the batch (stride 0) and offset layouts.
+        let storage = CpuStorage::F32((0..20_000).map(|i| i as f32).collect());
+        let layouts = [
+            Layout::new(Shape::from((2, 80, 70)), vec![5600, 1, 80], 0),
+            Layout::new(Shape::from((3, 77, 160)), vec![0, 160, 1], 7),
+            Layout::new(Shape::from((2, 10, 8)), vec![80, 8, 1], 3),
+        ];
+        for layout in &layouts {
+            let op = Operand::new("x", &storage, layout).unwrap();
+            let [b, n, c] = op.dims;
+            let [_, sn, sc] = op.strides;
+            // Whole operand, the last corner, single elements, blocks in the middle.
+            let blocks = [
+                (b - 1, 0, n, 0, c),
+                (b - 1, n - 1, 1, c - 1, 1),
+                (0, 0, 1, 0, 1),
+                (b - 1, n / 3, n - n / 3, c / 2, c - c / 2),
+            ];
+            for (batch, token, tokens, channel, channels) in blocks {
+                let block = op.block(batch, token, tokens, channel, channels);
+                assert_eq!(block.len(), (tokens - 1) * sn + (channels - 1) * sc + 1);
+                for t in 0..tokens {
+                    for ch in 0..channels {
+                        let want = op.data[op.offset(batch, token + t, channel + ch)];
+                        assert_eq!(block[t * sn + ch * sc], want, "{layout:?}");
+                    }
+                }
+            }
+        }
+        // A block past the end of the storage is refused, never read.
+        let exact = CpuStorage::F32(vec![0.0; 2 * 10 * 8]);
+        let layout = Layout::contiguous((2, 10, 8));
+        let op = Operand::new("x", &exact, &layout).unwrap();
+        assert_eq!(op.block(1, 0, 10, 0, 8).len(), 80);
+        assert!(std::panic::catch_unwind(|| op.block(1, 9, 2, 0, 8)).is_err());
+    }
+
+    #[test]
     fn task_rows_keep_threads_busy() {
         assert_eq!(task_rows(2, 4096, 64, 2), 64);
         assert_eq!(task_rows(1, 4096, 64, 64), 32);

@@ -104,6 +104,11 @@ pub(crate) fn conv3x3(
     parallelism: Parallelism,
 ) {
     let c = src.c;
+    // No input value (no channel, no pixel) or no output: nothing to add, and the loops
+    // below split by image and by plane, which would be empty chunks.
+    if src.img.is_empty() || dst.is_empty() {
+        return;
+    }
     let u = transform_kernel(weight, c_out, c);
     let (ho, wo) = (src.h << src.up, src.w << src.up);
     let (th, tw) = (ho.div_ceil(2), wo.div_ceil(2));
