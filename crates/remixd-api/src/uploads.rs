@@ -423,19 +423,24 @@ pub async fn base64_upload(
         .ok_or_else(|| bad("Missing required parameter: base64Data"))?;
     let path = upload_path(string_field(&o, "uploadPath")?)?;
     let name = string_field(&o, "fileName")?;
-    // A data URL (`data:<mime>;base64,...`) or plain base64; the declared type is ignored.
+    let bytes = base64_data(&data)?;
+    store_upload(&state, &caller, path, name.as_deref(), Bytes::from(bytes)).await
+}
+
+/// The bytes of `base64Data`: a data URL (`data:<mime>;base64,...`) or plain base64;
+/// the declared type is ignored and ASCII whitespace is skipped.
+fn base64_data(data: &str) -> Result<Vec<u8>, UploadError> {
     let b64 = match data.strip_prefix("data:") {
         Some(rest) => rest
             .split_once(";base64,")
             .map(|(_, b)| b)
             .ok_or_else(|| bad("base64Data is a data URL without ';base64,'"))?,
-        None => data.as_str(),
+        None => data,
     };
     let cleaned: String = b64.chars().filter(|c| !c.is_ascii_whitespace()).collect();
-    let bytes = base64::engine::general_purpose::STANDARD
+    base64::engine::general_purpose::STANDARD
         .decode(cleaned.as_bytes())
-        .map_err(|e| bad(format!("base64Data is not valid base64: {e}")))?;
-    store_upload(&state, &caller, path, name.as_deref(), Bytes::from(bytes)).await
+        .map_err(|e| bad(format!("base64Data is not valid base64: {e}")))
 }
 
 pub use crate::links::DOWNLOAD_LINK_MS;
@@ -505,6 +510,26 @@ pub fn own_file_key(state: &AppState, url: &str) -> Option<String> {
     }
 }
 
+/// The upload parsers for the fuzzing harness (`fuzz/`); not part of the API. Errors
+/// are the messages the client would get.
+#[doc(hidden)]
+pub mod fuzzing {
+    /// `uploadPath`'s rule.
+    pub fn upload_path(path: Option<String>) -> Result<String, String> {
+        super::upload_path(path).map_err(|e| e.msg)
+    }
+
+    /// The stored file name for a given `fileName` and a sniffed extension.
+    pub fn file_name(given: Option<&str>, ext: &str) -> String {
+        super::file_name(given, ext)
+    }
+
+    /// `base64Data` (plain or a data URL) to bytes.
+    pub fn base64_data(data: &str) -> Result<Vec<u8>, String> {
+        super::base64_data(data).map_err(|e| e.msg)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -522,6 +547,18 @@ mod tests {
             upload_path(None).unwrap_err().msg,
             "Missing required parameter: uploadPath"
         );
+    }
+
+    #[test]
+    fn base64_data_plain_or_data_url() {
+        assert_eq!(base64_data("aGk=").unwrap(), b"hi");
+        assert_eq!(base64_data("data:image/png;base64,aG k=\n").unwrap(), b"hi");
+        // The declared type is ignored, even when empty.
+        assert_eq!(base64_data("data:;base64,aGk=").unwrap(), b"hi");
+        let err = base64_data("data:image/png,aGk=").unwrap_err().msg;
+        assert_eq!(err, "base64Data is a data URL without ';base64,'");
+        let err = base64_data("aGk").unwrap_err().msg;
+        assert!(err.starts_with("base64Data is not valid base64"), "{err}");
     }
 
     #[test]

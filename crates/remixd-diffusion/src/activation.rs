@@ -19,7 +19,10 @@ pub(crate) fn geglu(h: &Tensor) -> Result<Tensor> {
         candle_core::bail!("geglu: an odd last dimension ({width})");
     }
     if h.device().is_cpu() && h.dtype() == DType::F32 {
-        return h.contiguous()?.apply_op1_no_bwd(&Geglu);
+        let op = Geglu {
+            simd: Simd::detect(),
+        };
+        return h.contiguous()?.apply_op1_no_bwd(&op);
     }
     let inner = width / 2;
     let value = h.narrow(D::Minus1, 0, inner)?;
@@ -27,7 +30,10 @@ pub(crate) fn geglu(h: &Tensor) -> Result<Tensor> {
     value * gate
 }
 
-struct Geglu;
+/// The fused op, with the instruction set it runs on.
+struct Geglu {
+    simd: Simd,
+}
 
 /// Rows handed to a rayon task at once (a row is a few thousand values).
 const ROWS_PER_TASK: usize = 16;
@@ -65,7 +71,7 @@ impl CustomOp1 for Geglu {
         }
         let mut out = vec![0f32; h.len() / 2];
         if inner > 0 {
-            let simd = Simd::detect();
+            let simd = self.simd;
             out.par_chunks_mut(inner * ROWS_PER_TASK)
                 .zip(h.par_chunks(width * ROWS_PER_TASK))
                 .for_each(|(dst, src)| {
@@ -93,6 +99,23 @@ mod tests {
         assert_eq!(got.dims(), &[2, 37, 24]);
         let diff = max_diff(&got, &want);
         assert!(diff < 1e-5, "max |diff| {diff}");
+        for simd in Simd::supported() {
+            let got = h.apply_op1_no_bwd(&Geglu { simd }).unwrap();
+            let diff = max_diff(&got, &want);
+            assert!(diff < 1e-5, "{simd:?}: max |diff| {diff}");
+        }
+    }
+
+    #[test]
+    fn zero_sized_inputs_give_empty_outputs() {
+        for (shape, want) in [
+            ((0, 4, 8), [0, 4, 4]),
+            ((2, 0, 8), [2, 0, 4]),
+            ((2, 3, 0), [2, 3, 0]),
+        ] {
+            let h = Tensor::zeros(shape, DType::F32, &Device::Cpu).unwrap();
+            assert_eq!(geglu(&h).unwrap().dims(), &want, "{shape:?}");
+        }
     }
 
     #[test]

@@ -145,8 +145,8 @@ impl<'a> Operand<'a> {
             dims: [b, n, c],
             strides: [sb, sn, sc],
         };
-        // Every element the kernel reads lies at or before the last element's offset; the
-        // raw-pointer products below rely on this check.
+        // Every element the kernel reads lies at or before the last element's offset, so
+        // with this check no `block` of the kernel's runs past the storage.
         if b * n * c > 0 && op.offset(b - 1, n - 1, c - 1) >= op.data.len() {
             candle_core::bail!("attention: {name}'s layout runs past its storage");
         }
@@ -158,9 +158,26 @@ impl<'a> Operand<'a> {
         self.start + batch * sb + token * sn + channel * sc
     }
 
-    /// Pointer to element `(batch, token, channel)`, which must be in range.
-    fn ptr(&self, batch: usize, token: usize, channel: usize) -> *const f32 {
-        &self.data[self.offset(batch, token, channel)]
+    /// The storage from element `(batch, token, channel)` through element
+    /// `(batch, token + tokens - 1, channel + channels - 1)`: everything a product over
+    /// that block of tokens and channels reads (the strides are not negative), so that a
+    /// pointer to the block is taken from this slice. A pointer taken from a reference to
+    /// the first element alone (`&data[i] as *const f32`) may, under Rust's provenance
+    /// rules, read only that element; `gemm` reading the rest through it would be
+    /// undefined behaviour. Panics if the block runs past the storage, and for an empty
+    /// block (`tokens` or `channels` zero), which no product reads.
+    fn block(
+        &self,
+        batch: usize,
+        token: usize,
+        tokens: usize,
+        channel: usize,
+        channels: usize,
+    ) -> &'a [f32] {
+        assert!(tokens > 0 && channels > 0, "attention: an empty block");
+        let first = self.offset(batch, token, channel);
+        let last = self.offset(batch, token + tokens - 1, channel + channels - 1);
+        &self.data[first..=last]
     }
 
     fn token_stride(&self) -> isize {
@@ -305,16 +322,19 @@ impl Tile {
         };
         state.max.fill(f32::NEG_INFINITY);
         state.sum.fill(0.0);
-        let q_blk = q.ptr(batch, first, col);
+        let q_blk = q.block(batch, first, rows, col, d);
         for key in (0..m).step_by(block_k) {
             let keys = block_k.min(m - key);
             let scores = &mut scratch.scores[..keys * rows];
             // Sᵀ = scale · K_blk · Q_blkᵀ.
+            let k_blk = k.block(batch, key, keys, col, d);
             // SAFETY: `scores` holds `keys × rows` elements, written with row stride
             // `rows`. The product reads keys `key..key + keys` and query rows
-            // `first..first + rows`, channels `col..col + d`, all within the operands'
-            // ranges (`Operand::new` checked that their storages hold them). `scores` is
-            // this task's own buffer, so nothing else reads or writes it meanwhile.
+            // `first..first + rows`, channels `col..col + d`: exactly the elements of
+            // `k_blk` and `q_blk` at their strides, and each pointer comes from the slice
+            // that holds what is read through it (`Operand::block`, bounds-checked).
+            // `scores` is this task's own buffer, so nothing else reads or writes it
+            // meanwhile.
             unsafe {
                 gemm::gemm(
                     keys,
@@ -324,10 +344,10 @@ impl Tile {
                     1,
                     rows as isize,
                     false,
-                    k.ptr(batch, key, col),
+                    k_blk.as_ptr(),
                     k.channel_stride(),
                     k.token_stride(),
-                    q_blk,
+                    q_blk.as_ptr(),
                     q.token_stride(),
                     q.channel_stride(),
                     0.0,
@@ -344,10 +364,12 @@ impl Tile {
                 state: &mut state,
             });
             // Oᵀ += V_blkᵀ · Sᵀ.
+            let v_blk = v.block(batch, key, keys, col, d);
             // SAFETY: `acc` holds `d × rows` elements written with row stride `rows`;
             // `scores` holds the `keys × rows` tile just written (row stride `rows`); the
             // values read are rows `key..key + keys`, channels `col..col + d` of `v`,
-            // within its range as for the keys above. The buffers do not overlap.
+            // the elements of `v_blk` as for the keys above. Every pointer comes from the
+            // whole slice it is used for. The buffers do not overlap.
             unsafe {
                 gemm::gemm(
                     d,
@@ -357,7 +379,7 @@ impl Tile {
                     1,
                     rows as isize,
                     true,
-                    v.ptr(batch, key, col),
+                    v_blk.as_ptr(),
                     v.token_stride(),
                     v.channel_stride(),
                     scores.as_ptr(),
@@ -598,6 +620,51 @@ mod tests {
     }
 
     #[test]
+    fn zero_sized_shapes_give_empty_or_zero_outputs() {
+        let dev = Device::Cpu;
+        // (q, k and v): no batch entry, no query, no key, no channel, nothing.
+        let shapes = [
+            ((0, 4, 8), (0, 3, 8)),
+            ((1, 0, 8), (1, 3, 8)),
+            ((2, 4, 8), (2, 0, 8)),
+            ((1, 4, 0), (1, 3, 0)),
+            ((0, 0, 0), (0, 0, 0)),
+        ];
+        for (qs, kvs) in shapes {
+            let q = Tensor::randn(0f32, 1., qs, &dev).unwrap();
+            let kv = Tensor::randn(0f32, 1., kvs, &dev).unwrap();
+            let mut results = vec![materialized_attention(&q, &kv, &kv, 2).unwrap()];
+            for simd in Simd::supported() {
+                let op = TiledAttention {
+                    heads: 2,
+                    blocks: Blocks {
+                        q: BLOCK_Q,
+                        k: BLOCK_K,
+                    },
+                    simd,
+                };
+                results.push(q.apply_op3_no_bwd(&kv, &kv, &op).unwrap());
+            }
+            for got in results {
+                assert_eq!(got.dims(), q.dims(), "{qs:?} {kvs:?}");
+                // Queries without keys: the empty sum, zero.
+                if got.elem_count() > 0 {
+                    assert_eq!(max_abs(&got), 0.0, "{qs:?} {kvs:?}");
+                }
+            }
+        }
+        // Zero heads: a clear error from both paths, not a division by zero.
+        let q = Tensor::zeros((1, 4, 8), candle_core::DType::F32, &dev).unwrap();
+        for err in [
+            tiled_attention(&q, &q, &q, 0).unwrap_err(),
+            materialized_attention(&q, &q, &q, 0).unwrap_err(),
+        ] {
+            let err = err.to_string();
+            assert!(err.contains("not a multiple of 0 heads"), "{err}");
+        }
+    }
+
+    #[test]
     fn rejects_mismatched_operands() {
         let dev = Device::Cpu;
         let q = Tensor::zeros((1, 4, 8), candle_core::DType::F32, &dev).unwrap();
@@ -606,6 +673,48 @@ mod tests {
         assert!(tiled_attention(&q, &q, &q, 3).is_err());
         let h = q.to_dtype(candle_core::DType::F16).unwrap();
         assert!(tiled_attention(&h, &h, &h, 2).is_err());
+    }
+
+    #[test]
+    fn blocks_hold_exactly_what_a_product_reads() {
+        // The pointers handed to `gemm` come from these slices, so each must hold every
+        // element the product reads at the operand's strides, and (for the provenance
+        // argument to be tight) end at the last of them. Transposed (channel stride 80),
+        // broadcast over the batch (stride 0) and offset layouts.
+        let storage = CpuStorage::F32((0..20_000).map(|i| i as f32).collect());
+        let layouts = [
+            Layout::new(Shape::from((2, 80, 70)), vec![5600, 1, 80], 0),
+            Layout::new(Shape::from((3, 77, 160)), vec![0, 160, 1], 7),
+            Layout::new(Shape::from((2, 10, 8)), vec![80, 8, 1], 3),
+        ];
+        for layout in &layouts {
+            let op = Operand::new("x", &storage, layout).unwrap();
+            let [b, n, c] = op.dims;
+            let [_, sn, sc] = op.strides;
+            // Whole operand, the last corner, single elements, blocks in the middle.
+            let blocks = [
+                (b - 1, 0, n, 0, c),
+                (b - 1, n - 1, 1, c - 1, 1),
+                (0, 0, 1, 0, 1),
+                (b - 1, n / 3, n - n / 3, c / 2, c - c / 2),
+            ];
+            for (batch, token, tokens, channel, channels) in blocks {
+                let block = op.block(batch, token, tokens, channel, channels);
+                assert_eq!(block.len(), (tokens - 1) * sn + (channels - 1) * sc + 1);
+                for t in 0..tokens {
+                    for ch in 0..channels {
+                        let want = op.data[op.offset(batch, token + t, channel + ch)];
+                        assert_eq!(block[t * sn + ch * sc], want, "{layout:?}");
+                    }
+                }
+            }
+        }
+        // A block past the end of the storage is refused, never read.
+        let exact = CpuStorage::F32(vec![0.0; 2 * 10 * 8]);
+        let layout = Layout::contiguous((2, 10, 8));
+        let op = Operand::new("x", &exact, &layout).unwrap();
+        assert_eq!(op.block(1, 0, 10, 0, 8).len(), 80);
+        assert!(std::panic::catch_unwind(|| op.block(1, 9, 2, 0, 8)).is_err());
     }
 
     #[test]

@@ -6,10 +6,11 @@
 //! its tensors.
 
 use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::{LayerNorm, Linear, VarBuilder};
+use candle_nn::{LayerNorm, VarBuilder};
 
 use crate::activation::geglu;
 use crate::conv::{Addend, Conv2d};
+use crate::linear::Linear;
 pub(crate) use crate::norm::GroupNorm;
 
 /// `ResnetBlock2D` with the default time-embedding handling (added after `conv1`).
@@ -42,7 +43,7 @@ impl ResnetBlock2D {
         let norm1 = GroupNorm::new(vb.pp("norm1"), cfg.groups, cin, cfg.eps)?;
         let conv1 = Conv2d::new(vb.pp("conv1"), cin, cout, 3, 1, 1)?;
         let time_emb_proj = match cfg.temb_channels {
-            Some(t) => Some(candle_nn::linear(t, cout, vb.pp("time_emb_proj"))?),
+            Some(t) => Some(crate::linear::linear(t, cout, vb.pp("time_emb_proj"))?),
             None => None,
         };
         let norm2 = GroupNorm::new(vb.pp("norm2"), cfg.groups, cout, cfg.eps)?;
@@ -171,6 +172,22 @@ pub(crate) fn attention_chunked(
 ) -> Result<Tensor> {
     let (b, n, inner) = q.dims3()?;
     let m = k.dim(1)?;
+    if k.dims() != [b, m, inner] || v.dims() != k.dims() {
+        candle_core::bail!(
+            "attention: q {:?}, k {:?} and v {:?} do not fit together",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        );
+    }
+    if heads == 0 || inner % heads != 0 {
+        candle_core::bail!("attention: width {inner} is not a multiple of {heads} heads");
+    }
+    // No keys: the product over an empty sum is zero (candle's softmax over an empty
+    // last dimension would panic), as in the tiled kernel.
+    if m == 0 || q.elem_count() == 0 {
+        return Tensor::zeros((b, n, inner), q.dtype(), q.device());
+    }
     let d = inner / heads;
     let scale = 1.0 / (d as f64).sqrt();
     let split = |x: &Tensor, len: usize| -> Result<Tensor> {
@@ -255,10 +272,10 @@ impl Attention {
     ) -> Result<Self> {
         let inner = heads * head_dim;
         Ok(Self {
-            to_q: candle_nn::linear_no_bias(query_dim, inner, vb.pp("to_q"))?,
-            to_k: candle_nn::linear_no_bias(context_dim, inner, vb.pp("to_k"))?,
-            to_v: candle_nn::linear_no_bias(context_dim, inner, vb.pp("to_v"))?,
-            to_out: candle_nn::linear(inner, query_dim, vb.pp("to_out").pp("0"))?,
+            to_q: crate::linear::linear_no_bias(query_dim, inner, vb.pp("to_q"))?,
+            to_k: crate::linear::linear_no_bias(context_dim, inner, vb.pp("to_k"))?,
+            to_v: crate::linear::linear_no_bias(context_dim, inner, vb.pp("to_v"))?,
+            to_out: crate::linear::linear(inner, query_dim, vb.pp("to_out").pp("0"))?,
             heads,
         })
     }
@@ -285,8 +302,8 @@ impl FeedForward {
     fn new(vb: VarBuilder, dim: usize, mult: usize) -> Result<Self> {
         let inner = dim * mult;
         Ok(Self {
-            proj: candle_nn::linear(dim, 2 * inner, vb.pp("net.0.proj"))?,
-            out: candle_nn::linear(inner, dim, vb.pp("net.2"))?,
+            proj: crate::linear::linear(dim, 2 * inner, vb.pp("net.0.proj"))?,
+            out: crate::linear::linear(inner, dim, vb.pp("net.2"))?,
         })
     }
 
@@ -395,8 +412,8 @@ impl Transformer2D {
         let norm = GroupNorm::new(vb.pp("norm"), cfg.groups, c, 1e-6)?;
         let (proj_in, proj_out) = if cfg.use_linear_projection {
             (
-                Projection::Linear(candle_nn::linear(c, inner, vb.pp("proj_in"))?),
-                Projection::Linear(candle_nn::linear(inner, c, vb.pp("proj_out"))?),
+                Projection::Linear(crate::linear::linear(c, inner, vb.pp("proj_in"))?),
+                Projection::Linear(crate::linear::linear(inner, c, vb.pp("proj_out"))?),
             )
         } else {
             (
@@ -463,7 +480,7 @@ pub(crate) struct SpatialAttention {
 
 impl SpatialAttention {
     pub(crate) fn new(vb: VarBuilder, channels: usize, groups: usize, eps: f64) -> Result<Self> {
-        let lin = |name: &str| candle_nn::linear(channels, channels, vb.pp(name));
+        let lin = |name: &str| crate::linear::linear(channels, channels, vb.pp(name));
         Ok(Self {
             norm: GroupNorm::new(vb.pp("group_norm"), groups, channels, eps)?,
             to_q: lin("to_q")?,

@@ -7,10 +7,11 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, IndexOp, Module, Tensor};
-use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
+use candle_nn::{Embedding, LayerNorm, VarBuilder};
 use serde::Deserialize;
 
 use crate::error::{read_json, Context, Error, Result};
+use crate::linear::Linear;
 
 /// The text encoder's activation function.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -146,10 +147,10 @@ impl Attention {
     fn new(vb: VarBuilder, cfg: &ClipTextConfig) -> candle_core::Result<Self> {
         let h = cfg.hidden_size;
         Ok(Self {
-            q_proj: candle_nn::linear(h, h, vb.pp("q_proj"))?,
-            k_proj: candle_nn::linear(h, h, vb.pp("k_proj"))?,
-            v_proj: candle_nn::linear(h, h, vb.pp("v_proj"))?,
-            out_proj: candle_nn::linear(h, h, vb.pp("out_proj"))?,
+            q_proj: crate::linear::linear(h, h, vb.pp("q_proj"))?,
+            k_proj: crate::linear::linear(h, h, vb.pp("k_proj"))?,
+            v_proj: crate::linear::linear(h, h, vb.pp("v_proj"))?,
+            out_proj: crate::linear::linear(h, h, vb.pp("out_proj"))?,
             heads: cfg.num_attention_heads,
             head_dim: h / cfg.num_attention_heads,
         })
@@ -204,8 +205,8 @@ impl EncoderLayer {
             layer_norm1: candle_nn::layer_norm(h, eps, vb.pp("layer_norm1"))?,
             self_attn: Attention::new(vb.pp("self_attn"), cfg)?,
             layer_norm2: candle_nn::layer_norm(h, eps, vb.pp("layer_norm2"))?,
-            fc1: candle_nn::linear(h, cfg.intermediate_size, vb.pp("mlp.fc1"))?,
-            fc2: candle_nn::linear(cfg.intermediate_size, h, vb.pp("mlp.fc2"))?,
+            fc1: crate::linear::linear(h, cfg.intermediate_size, vb.pp("mlp.fc1"))?,
+            fc2: crate::linear::linear(cfg.intermediate_size, h, vb.pp("mlp.fc2"))?,
             activation,
         })
     }

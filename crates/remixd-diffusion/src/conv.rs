@@ -250,6 +250,11 @@ impl CpuConv<'_> {
         let depth = c * k * k;
 
         let mut out = vec![0f32; len];
+        // No image or no output channel: nothing to compute (the strips below split by
+        // plane, which would be empty chunks).
+        if len == 0 {
+            return Ok((CpuStorage::F32(out), Shape::from((b, c_out, ho, wo))));
+        }
         let bias_of = |co: usize| bias.map_or(0.0, |b| b[co]);
         match addend {
             None if bias.is_none() => {}
@@ -278,6 +283,11 @@ impl CpuConv<'_> {
             ),
         }
 
+        // No input value (no input channel, or a 0-pixel input inside the padding): every
+        // tap reads zero, so the output is what it starts from, the bias and addend.
+        if x.is_empty() {
+            return Ok((CpuStorage::F32(out), Shape::from((b, c_out, ho, wo))));
+        }
         let parallelism = match candle_core::utils::get_num_threads() {
             1 => Parallelism::None,
             n => Parallelism::Rayon(n),
@@ -323,15 +333,18 @@ impl CpuConv<'_> {
                 // dst[c_out × n·wo] (row stride `plane`) += w[c_out × depth] · rhs[depth × n·wo].
                 // SAFETY: `dst` holds `c_out` planes of `plane` elements; this strip
                 // writes rows `top..top + n` of each, `n·wo` elements from `top·wo`, all
-                // inside it. `w` holds `c_out·depth` elements (its shape was checked) and
-                // `rhs` `depth` rows of `n·wo` (the image itself when direct, whose
-                // `c = depth` planes are `plane = n·wo` long). The buffers do not overlap.
+                // inside `dst[top·wo..]`, the slice its pointer comes from (a pointer
+                // derived from a slice may reach all of that slice and nothing else). `w`
+                // holds `c_out·depth` elements (its shape was checked) and `rhs` `depth`
+                // rows of `n·wo` (the image itself when direct, whose `c = depth` planes
+                // are `plane = n·wo` long), each read through its own whole slice's
+                // pointer. The buffers do not overlap.
                 unsafe {
                     gemm::gemm(
                         c_out,
                         n * wo,
                         depth,
-                        dst.as_mut_ptr().add(top * wo),
+                        dst[top * wo..].as_mut_ptr(),
                         1,
                         plane as isize,
                         true,
@@ -401,7 +414,7 @@ impl CpuConv<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_util::max_abs;
+    use crate::test_util::{max_abs, max_diff};
     use candle_core::Device;
     use candle_nn::VarMap;
 
@@ -540,6 +553,70 @@ mod tests {
         assert_close(&c.forward(&x).unwrap(), &want, "no bias");
         let c = c.with_winograd_min_tiles(0);
         assert_close(&c.forward(&x).unwrap(), &want, "no bias, winograd");
+    }
+
+    /// A convolution with the given weight and bias (VarMap's random initialisation
+    /// divides by the input channel count, so it cannot build one without channels).
+    fn conv_from(weight: Tensor, bias: Tensor, stride: usize, pad: usize) -> Conv2d {
+        let (cout, cin, k, _) = weight.dims4().unwrap();
+        let tensors = [("weight".to_string(), weight), ("bias".to_string(), bias)];
+        let vb = VarBuilder::from_tensors(tensors.into(), DType::F32, &Device::Cpu);
+        Conv2d::new(vb, cin, cout, k, stride, pad).unwrap()
+    }
+
+    #[test]
+    fn zero_sized_shapes_give_empty_or_bias_outputs() {
+        let dev = Device::Cpu;
+        let zeros = |shape: &[usize]| Tensor::zeros(shape, DType::F32, &dev).unwrap();
+        let bias = Tensor::new(&[1f32, -2., 3.], &dev).unwrap();
+        // The output a convolution reading no input value gives: its bias everywhere.
+        let bias_only = |shape: (usize, usize, usize, usize)| {
+            bias.reshape((1, 3, 1, 1))
+                .unwrap()
+                .broadcast_as(shape)
+                .unwrap()
+                .contiguous()
+                .unwrap()
+        };
+        for k in [3, 1] {
+            let p = k / 2;
+            for (min_tiles, path) in [(usize::MAX, "im2col"), (0, "winograd")] {
+                let what = format!("{k}×{k} {path}");
+                let with = |c: Conv2d| c.with_winograd_min_tiles(min_tiles);
+                // No image.
+                let c = with(conv_from(zeros(&[3, 2, k, k]), bias.clone(), 1, p));
+                let y = c.forward(&zeros(&[0, 2, 4, 4])).unwrap();
+                assert_eq!(y.dims(), &[0, 3, 4, 4], "{what}");
+                // No output channel.
+                let c = with(conv_from(zeros(&[0, 2, k, k]), zeros(&[0]), 1, p));
+                let y = c.forward(&zeros(&[1, 2, 4, 4])).unwrap();
+                assert_eq!(y.dims(), &[1, 0, 4, 4], "{what}");
+                // No input channel: every tap reads zero; bias and addend remain.
+                let c = with(conv_from(zeros(&[3, 0, k, k]), bias.clone(), 1, p));
+                let x = zeros(&[2, 0, 4, 4]);
+                let want = bias_only((2, 3, 4, 4));
+                assert_eq!(max_diff(&c.forward(&x).unwrap(), &want), 0.0, "{what}");
+                let up = c.forward_upsampled(&x).unwrap();
+                assert_eq!(max_diff(&up, &bias_only((2, 3, 8, 8))), 0.0, "{what}");
+                let residual = Tensor::randn(0f32, 1f32, (2, 3, 4, 4), &dev).unwrap();
+                let y = c.forward_add(&x, Addend::Full(&residual)).unwrap();
+                let want = (&want + &residual).unwrap();
+                assert_eq!(max_diff(&y, &want), 0.0, "{what} residual");
+            }
+        }
+        // No row, but padding wide enough for an output: the taps all land in the padding.
+        let c = conv_from(
+            Tensor::randn(0f32, 1f32, (3, 2, 3, 3), &dev).unwrap(),
+            bias.clone(),
+            1,
+            2,
+        );
+        let y = c.forward(&zeros(&[1, 2, 0, 4])).unwrap();
+        assert_eq!(max_diff(&y, &bias_only((1, 3, 2, 6))), 0.0);
+        // No row and no output: a clear error.
+        let c = conv_from(zeros(&[3, 2, 3, 3]), bias, 1, 1);
+        let err = c.forward(&zeros(&[1, 2, 0, 4])).unwrap_err().to_string();
+        assert!(err.contains("3×3 kernel over a 0×4 input"), "{err}");
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod clip;
 pub mod conv;
 pub mod engine;
 pub mod error;
+mod linear;
 pub mod model;
 pub mod noise;
 mod norm;

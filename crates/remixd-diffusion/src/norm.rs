@@ -30,6 +30,7 @@ struct Fused<'a> {
     gamma: &'a [f32],
     beta: &'a [f32],
     silu: bool,
+    simd: Simd,
 }
 
 impl GroupNorm {
@@ -62,6 +63,7 @@ impl GroupNorm {
                 gamma: &self.gamma,
                 beta: &self.beta,
                 silu,
+                simd: Simd::detect(),
             };
             x.contiguous()?.apply_op1_no_bwd(&op)
         } else {
@@ -123,7 +125,7 @@ impl CustomOp1 for Fused<'_> {
         let x = crate::contiguous_f32("group norm: input", storage, layout)?;
         let dims = layout.dims();
         let (b, c) = (dims[0], dims[1]);
-        if c != self.gamma.len() || c % self.groups != 0 {
+        if c != self.gamma.len() || self.groups == 0 || c % self.groups != 0 {
             candle_core::bail!(
                 "group norm: {c} channels for {} weights, {} groups",
                 self.gamma.len(),
@@ -133,7 +135,12 @@ impl CustomOp1 for Fused<'_> {
         let spatial: usize = dims[2..].iter().product();
         let per_group = c / self.groups * spatial;
         let mut out = vec![0f32; x.len()];
-        let simd = Simd::detect();
+        // Nothing to normalise (no image, channel or pixel); a group of no values has no
+        // mean, and the loop below would split by empty groups.
+        if out.is_empty() {
+            return Ok((CpuStorage::F32(out), layout.shape().clone()));
+        }
+        let simd = self.simd;
         out.par_chunks_mut(per_group)
             .zip(x.par_chunks(per_group))
             .enumerate()
@@ -185,6 +192,19 @@ mod tests {
         GroupNorm::new(vb.pp("n"), groups, channels, 1e-5).unwrap()
     }
 
+    /// The fused op on the given instruction set.
+    fn fused(n: &GroupNorm, x: &Tensor, silu: bool, simd: Simd) -> Tensor {
+        let op = Fused {
+            groups: n.groups,
+            eps: n.eps,
+            gamma: &n.gamma,
+            beta: &n.beta,
+            silu,
+            simd,
+        };
+        x.apply_op1_no_bwd(&op).unwrap()
+    }
+
     #[test]
     fn fused_group_norm_equals_candles() {
         for (shape, groups) in [((2, 32, 5, 7), 8), ((1, 64, 4, 4), 32), ((2, 6, 3, 1), 3)] {
@@ -196,12 +216,43 @@ mod tests {
                 max_diff(&n.forward(&x).unwrap(), &reference) < 1e-5,
                 "{shape:?}"
             );
-            let fused = n.forward_silu(&x).unwrap();
+            let with_silu = reference.silu().unwrap();
             assert!(
-                max_diff(&fused, &reference.silu().unwrap()) < 1e-5,
+                max_diff(&n.forward_silu(&x).unwrap(), &with_silu) < 1e-5,
                 "{shape:?} silu"
             );
+            for simd in Simd::supported() {
+                let plain = fused(&n, &x, false, simd);
+                assert!(max_diff(&plain, &reference) < 1e-5, "{shape:?} {simd:?}");
+                let activated = fused(&n, &x, true, simd);
+                assert!(
+                    max_diff(&activated, &with_silu) < 1e-5,
+                    "{shape:?} {simd:?} silu"
+                );
+            }
         }
+    }
+
+    #[test]
+    fn zero_sized_inputs_give_empty_outputs() {
+        // No image, no row, no column: an empty result of the input's shape (a 0-pixel
+        // group used to panic on a zero chunk size).
+        let n = norm(2, 4);
+        for shape in [(0, 4, 3, 3), (1, 4, 0, 3), (2, 4, 3, 0)] {
+            let x = Tensor::zeros(shape, DType::F32, &Device::Cpu).unwrap();
+            for y in [n.forward(&x).unwrap(), n.forward_silu(&x).unwrap()] {
+                assert_eq!(y.dims(), x.dims(), "{shape:?}");
+            }
+        }
+        // No channel at all.
+        let n = norm(1, 0);
+        let x = Tensor::zeros((2, 0, 4, 4), DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(n.forward_silu(&x).unwrap().dims(), &[2, 0, 4, 4]);
+        // Zero groups: a clear error when the model is built, not a division by zero.
+        let map = VarMap::new();
+        let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
+        let err = GroupNorm::new(vb, 0, 4, 1e-5).unwrap_err().to_string();
+        assert!(err.contains("num_groups (0)"), "{err}");
     }
 
     #[test]

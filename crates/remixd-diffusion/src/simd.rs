@@ -19,9 +19,20 @@ pub(crate) trait Kernel {
     fn run<const FMA: bool>(self) -> Self::Output;
 }
 
-/// The compiled variant of a kernel this CPU runs.
+/// The compiled variant of a kernel this CPU runs, as a proof that the CPU was checked.
+///
+/// [`Simd::run`] executes AVX2 or AVX-512 instructions on the strength of this value
+/// alone, so a `Simd` must never name a variant the CPU lacks. The level is a private
+/// field and the only constructors are [`Simd::detect`] and [`Simd::supported`], which
+/// both keep just the variants runtime feature detection ([`Level::available`]) found:
+/// code outside this module (the kernels, their tests) can copy a detected value but
+/// cannot make one up, so no safe code can reach an instruction the CPU does not have.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Simd {
+pub(crate) struct Simd(Level);
+
+/// The instruction sets a kernel is compiled for; private to this module (see [`Simd`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Level {
     Portable,
     #[cfg(target_arch = "x86_64")]
     Avx2,
@@ -29,7 +40,7 @@ pub(crate) enum Simd {
     Avx512,
 }
 
-impl Simd {
+impl Level {
     /// Every variant, best first.
     const ALL: [Self; if cfg!(target_arch = "x86_64") { 3 } else { 1 }] = [
         #[cfg(target_arch = "x86_64")]
@@ -39,7 +50,7 @@ impl Simd {
         Self::Portable,
     ];
 
-    /// Whether this CPU has the variant's instructions.
+    /// Whether this CPU has the variant's instructions (runtime feature detection).
     fn available(self) -> bool {
         match self {
             Self::Portable => true,
@@ -52,34 +63,43 @@ impl Simd {
             Self::Avx512 => std::arch::is_x86_feature_detected!("avx512f"),
         }
     }
+}
 
+impl Simd {
     /// The best variant for this CPU (detected once).
     pub(crate) fn detect() -> Self {
         static DETECTED: std::sync::OnceLock<Simd> = std::sync::OnceLock::new();
         *DETECTED.get_or_init(|| {
-            Self::ALL
-                .into_iter()
-                .find(|s| s.available())
-                .unwrap_or(Self::Portable)
+            Simd(
+                Level::ALL
+                    .into_iter()
+                    .find(|l| l.available())
+                    .unwrap_or(Level::Portable),
+            )
         })
     }
 
-    /// Every variant this CPU can run (for tests that compare them).
+    /// Every variant this CPU can run, best first (for tests that compare them).
     #[cfg(test)]
     pub(crate) fn supported() -> Vec<Self> {
-        Self::ALL.into_iter().filter(|s| s.available()).collect()
+        Level::ALL
+            .into_iter()
+            .filter(|l| l.available())
+            .map(Simd)
+            .collect()
     }
 
     /// Runs `kernel` compiled for this variant.
     pub(crate) fn run<K: Kernel>(self, kernel: K) -> K::Output {
-        match self {
-            Self::Portable => kernel.run::<false>(),
-            // SAFETY: these variants are handed out only where the CPU was found to have
-            // the features (`detect`, `supported`, both through `available`).
+        match self.0 {
+            Level::Portable => kernel.run::<false>(),
+            // SAFETY: a `Simd` holding these levels exists only where `Level::available`
+            // found the CPU's features: its field is private to this module, whose only
+            // constructors (`detect`, `supported`) filter on `available`.
             #[cfg(target_arch = "x86_64")]
-            Self::Avx2 => unsafe { x86::avx2(kernel) },
+            Level::Avx2 => unsafe { x86::avx2(kernel) },
             #[cfg(target_arch = "x86_64")]
-            Self::Avx512 => unsafe { x86::avx512(kernel) },
+            Level::Avx512 => unsafe { x86::avx512(kernel) },
         }
     }
 }
@@ -226,6 +246,29 @@ mod tests {
                     _ => silu::<FMA>(x),
                 };
             }
+        }
+    }
+
+    #[test]
+    fn only_detected_variants_are_handed_out() {
+        let supported = Simd::supported();
+        // The portable variant runs everywhere, and comes last (best first).
+        assert_eq!(supported.last(), Some(&Simd(Level::Portable)));
+        assert!(supported.iter().all(|s| s.0.available()), "{supported:?}");
+        // `detect` picks the best of them.
+        assert_eq!(Some(&Simd::detect()), supported.first());
+        #[cfg(target_arch = "x86_64")]
+        {
+            let has = |l: Level| supported.contains(&Simd(l));
+            assert_eq!(
+                has(Level::Avx512),
+                std::arch::is_x86_feature_detected!("avx512f")
+            );
+            assert_eq!(
+                has(Level::Avx2),
+                std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+            );
         }
     }
 

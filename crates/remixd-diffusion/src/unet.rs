@@ -7,9 +7,10 @@
 use std::path::Path;
 
 use candle_core::{Device, Module, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 use crate::conv::Conv2d;
+use crate::linear::Linear;
 use serde::Deserialize;
 
 use crate::blocks::{
@@ -706,8 +707,8 @@ impl UNet2DConditionModel {
             (cfg.conv_in_kernel - 1) / 2,
         )?;
         let temb = plan.time_embed_dim;
-        let time_linear_1 = candle_nn::linear(c0, temb, vb.pp("time_embedding.linear_1"))?;
-        let time_linear_2 = candle_nn::linear(temb, temb, vb.pp("time_embedding.linear_2"))?;
+        let time_linear_1 = crate::linear::linear(c0, temb, vb.pp("time_embedding.linear_1"))?;
+        let time_linear_2 = crate::linear::linear(temb, temb, vb.pp("time_embedding.linear_2"))?;
         let mut b = Builder {
             cfg,
             groups: plan.groups,

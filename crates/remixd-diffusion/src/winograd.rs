@@ -104,6 +104,11 @@ pub(crate) fn conv3x3(
     parallelism: Parallelism,
 ) {
     let c = src.c;
+    // No input value (no channel, no pixel) or no output: nothing to add, and the loops
+    // below split by image and by plane, which would be empty chunks.
+    if src.img.is_empty() || dst.is_empty() {
+        return;
+    }
     let u = transform_kernel(weight, c_out, c);
     let (ho, wo) = (src.h << src.up, src.w << src.up);
     let (th, tw) = (ho.div_ceil(2), wo.div_ceil(2));
@@ -189,20 +194,23 @@ pub(crate) fn conv3x3(
                 // columns `ξ·tiles..(ξ+1)·tiles` of each; `u` holds `c_out` rows of
                 // `16·c_in`, of which columns `ξ·c_in..(ξ+1)·c_in` are read; `v` holds `c_in`
                 // rows of `16·tiles`, of which columns `ξ·tiles..(ξ+1)·tiles` are read. The
-                // buffers do not overlap.
+                // buffers do not overlap. Each pointer comes from the slice that starts at
+                // the first element the product touches and runs to the buffer's end, so it
+                // may reach every element read or written (provenance), and the slicing is
+                // bounds-checked.
                 unsafe {
                     gemm::gemm(
                         c_out,
                         tiles,
                         c,
-                        m.as_mut_ptr().add(xi * tiles),
+                        m[xi * tiles..].as_mut_ptr(),
                         1,
                         stride as isize,
                         false,
-                        u.as_ptr().add(xi * c),
+                        u[xi * c..].as_ptr(),
                         1,
                         (XI * c) as isize,
-                        v.as_ptr().add(xi * tiles),
+                        v[xi * tiles..].as_ptr(),
                         1,
                         stride as isize,
                         0.0,

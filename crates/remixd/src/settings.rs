@@ -389,13 +389,28 @@ impl Settings {
     /// Loads the layers. `file` is `--config`; without it `remixd.toml` in the working
     /// directory is read when present.
     pub fn load(file: Option<&Path>) -> anyhow::Result<Self> {
-        Self::figment(file)
+        Self::extract(Self::figment(file))
+    }
+
+    /// The built-in defaults with one TOML document over them, and nothing else (no
+    /// file, no environment): what `load` makes of a file holding `toml` when no
+    /// `REMIXD__` variable is set. For tests and the fuzzing harness (`fuzz/`).
+    pub fn from_toml_str(toml: &str) -> anyhow::Result<Self> {
+        Self::extract(Self::defaults().merge(Toml::string(toml)))
+    }
+
+    fn defaults() -> Figment {
+        Figment::from(Serialized::defaults(Settings::default()))
+    }
+
+    fn extract(figment: Figment) -> anyhow::Result<Self> {
+        figment
             .extract()
             .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))
     }
 
     pub fn figment(file: Option<&Path>) -> Figment {
-        let mut f = Figment::from(Serialized::defaults(Settings::default()));
+        let mut f = Self::defaults();
         match file {
             Some(p) => f = f.merge(Toml::file_exact(p)),
             None => {
@@ -645,6 +660,30 @@ mod tests {
         ok.server.shutdown_timeout_ms = 0;
         ok.server.max_connections = 1;
         ok.check().unwrap();
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail fixes the closure's error type
+    fn a_toml_string_loads_like_a_file() {
+        let text = "data_dir = \"/srv/remixd\"\n[worker]\nlease_ms = 5000\n[fetch]\nallow = [\"::1/128\"]\n";
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("r.toml", text)?;
+            let from_file = Settings::load(Some(Path::new("r.toml"))).unwrap();
+            let from_str = Settings::from_toml_str(text).unwrap();
+            assert_eq!(format!("{from_str:?}"), format!("{from_file:?}"));
+            Ok(())
+        });
+        let s = Settings::from_toml_str(text).unwrap();
+        assert_eq!(s.worker.lease_ms, 5000);
+        assert_eq!(s.data_dir, PathBuf::from("/srv/remixd"));
+        // Everything not given keeps its default.
+        assert_eq!(s.server.listen, "127.0.0.1:8080");
+        let e = Settings::from_toml_str("[worker]\nlease_msec = 1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("lease_msec"), "{e}");
+        assert!(Settings::from_toml_str("[worker\n").is_err());
+        assert!(Settings::from_toml_str("worker = 3\n").is_err());
     }
 
     #[test]
