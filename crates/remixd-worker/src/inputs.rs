@@ -147,6 +147,8 @@ enum FetchFailure {
 async fn fetch_all(ctx: &Ctx, task: &TaskRecord) -> Result<(), FetchFailure> {
     let cap = ctx.fetcher.config().max_image_bytes;
     let mut style_budget = cap; // style images share one budget, as the contract says
+                                // All images together, from their headers (`fetch.max_task_pixels`).
+    let mut pixels = remixd_fetch::TaskPixels::new(ctx.fetcher.config().max_task_pixels);
     let task_id = task.id.to_string();
     for (role, url) in roles(&task.input) {
         let limit = if matches!(role, Role::Style(_)) {
@@ -159,6 +161,9 @@ async fn fetch_all(ctx: &Ctx, task: &TaskRecord) -> Result<(), FetchFailure> {
             None => ctx.fetcher.fetch_image(url, limit).await,
         }
         .map_err(|e| FetchFailure::Input(format!("{} {e}", role.field())))?;
+        pixels
+            .add(img.width, img.height)
+            .map_err(|e| FetchFailure::Input(format!("{} {e}", role.field())))?;
         if matches!(role, Role::Style(_)) {
             style_budget = style_budget.saturating_sub(img.bytes.len() as u64);
         }
