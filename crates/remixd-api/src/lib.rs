@@ -72,6 +72,14 @@ pub struct ApiConfig {
     pub max_upload_bytes: u64,
     /// How long uploads are kept.
     pub uploads_ttl_ms: i64,
+    /// Uploads per account per 10 s (0: no limit).
+    pub uploads_per_10s: u32,
+    /// Bytes of unexpired uploads an account may keep (0: no quota).
+    pub upload_quota_bytes: u64,
+    /// Uploads being handled at once for one account (0: no cap).
+    pub uploads_in_flight_per_account: usize,
+    /// Uploads being handled at once in this process (0: no cap).
+    pub uploads_in_flight: usize,
 }
 
 impl Default for ApiConfig {
@@ -87,6 +95,10 @@ impl Default for ApiConfig {
             public_url: "http://127.0.0.1:8080".into(),
             max_upload_bytes: 10 * 1024 * 1024,
             uploads_ttl_ms: 24 * 3_600_000,
+            uploads_per_10s: 20,
+            upload_quota_bytes: 1 << 30,
+            uploads_in_flight_per_account: 4,
+            uploads_in_flight: 8,
         }
     }
 }
@@ -129,7 +141,11 @@ impl AppState {
         cfg: ApiConfig,
         hooks: Hooks,
     ) -> Self {
-        let limits = Limits::new(cfg.create_per_10s, cfg.query_per_s);
+        let limits = Limits::new(cfg.create_per_10s, cfg.query_per_s).with_uploads(
+            cfg.uploads_per_10s,
+            cfg.uploads_in_flight_per_account,
+            cfg.uploads_in_flight,
+        );
         Self {
             store,
             blobs,
