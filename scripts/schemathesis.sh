@@ -61,6 +61,8 @@ allow = []
 [limits]
 create_per_10s = 1000000
 query_per_s = 1000000
+uploads_per_10s = 0
+upload_quota_bytes = 0
 EOF
 
 echo "== schemathesis: starting remixd on $BASE"

@@ -83,6 +83,14 @@ pub struct ApiConfig {
     pub streams_per_key: usize,
     /// How often a stream's shared watcher reads its task.
     pub stream_poll: Duration,
+    /// Uploads per account per 10 s (0: no limit).
+    pub uploads_per_10s: u32,
+    /// Bytes of unexpired uploads an account may keep (0: no quota).
+    pub upload_quota_bytes: u64,
+    /// Uploads being handled at once for one account (0: no cap).
+    pub uploads_in_flight_per_account: usize,
+    /// Uploads being handled at once in this process (0: no cap).
+    pub uploads_in_flight: usize,
 }
 
 impl Default for ApiConfig {
@@ -101,6 +109,10 @@ impl Default for ApiConfig {
             private_files: false,
             streams_per_key: 8,
             stream_poll: Duration::from_millis(200),
+            uploads_per_10s: 20,
+            upload_quota_bytes: 1 << 30,
+            uploads_in_flight_per_account: 4,
+            uploads_in_flight: 8,
         }
     }
 }
@@ -160,7 +172,11 @@ impl AppState {
         cfg: ApiConfig,
         hooks: Hooks,
     ) -> Self {
-        let limits = Limits::new(cfg.create_per_10s, cfg.query_per_s);
+        let limits = Limits::new(cfg.create_per_10s, cfg.query_per_s).with_uploads(
+            cfg.uploads_per_10s,
+            cfg.uploads_in_flight_per_account,
+            cfg.uploads_in_flight,
+        );
         let reader = store.clone();
         let fetch: watch::FetchFn<TaskRecord> = Arc::new(move |id| {
             let store = reader.clone();

@@ -1,10 +1,17 @@
-//! Rate limits: creates per account per 10 s, queries per key per second.
+//! Rate limits: creates and uploads per account per 10 s, queries per key per second;
+//! and caps on uploads in flight, per account and in all.
 //!
 //! GCRA limiters from `governor`, keyed by account or key id, in this process's
 //! memory: each API node enforces them on its own. Over the limit the request is
 //! answered 429 at once with `Retry-After`; nothing is queued.
+//!
+//! An upload holds up to two copies of a 10 MB file while it is read and checked, so
+//! the number in flight is what bounds the memory uploads take: an [`UploadSlot`] is
+//! taken before the body is read and given back when the handler ends.
 
+use std::collections::HashMap;
 use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use governor::clock::{Clock, DefaultClock};
@@ -13,11 +20,53 @@ use governor::{Quota, RateLimiter};
 
 type Keyed = RateLimiter<String, DefaultKeyedStateStore<String>, DefaultClock>;
 
-/// The two limiters of the API.
+/// The limiters of the API.
 pub struct Limits {
     create: Option<Keyed>,
     query: Option<Keyed>,
+    upload: Option<Keyed>,
     clock: DefaultClock,
+    uploads: Arc<Mutex<InFlight>>,
+}
+
+/// Uploads being handled now.
+#[derive(Debug, Default)]
+struct InFlight {
+    /// At most this many per account; 0: no cap.
+    per_account: usize,
+    /// At most this many in all; 0: no cap.
+    total: usize,
+    now_total: usize,
+    now: HashMap<String, usize>,
+}
+
+/// Why an upload slot was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlotRefused {
+    /// The account has `limit` uploads in flight already.
+    Account { limit: usize },
+    /// The server has `limit` uploads in flight already.
+    Server { limit: usize },
+}
+
+/// One upload in flight; dropping it gives the slot back.
+#[derive(Debug)]
+pub struct UploadSlot {
+    account: String,
+    uploads: Arc<Mutex<InFlight>>,
+}
+
+impl Drop for UploadSlot {
+    fn drop(&mut self) {
+        let mut f = self.uploads.lock().expect("upload slots");
+        f.now_total -= 1;
+        if let Some(n) = f.now.get_mut(&self.account) {
+            *n -= 1;
+            if *n == 0 {
+                f.now.remove(&self.account);
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for Limits {
@@ -33,12 +82,27 @@ fn quota(n: u32, period: Duration) -> Option<Quota> {
 }
 
 impl Limits {
+    /// Create and query limits; uploads unlimited until [`Limits::with_uploads`].
     pub fn new(create_per_10s: u32, query_per_s: u32) -> Self {
         Self {
             create: quota(create_per_10s, Duration::from_secs(10)).map(RateLimiter::keyed),
             query: quota(query_per_s, Duration::from_secs(1)).map(RateLimiter::keyed),
+            upload: None,
             clock: DefaultClock::default(),
+            uploads: Arc::default(),
         }
+    }
+
+    /// Upload limits: `per_10s` per account (0: none), and at most `per_account` and
+    /// `total` uploads in flight (0: no cap).
+    pub fn with_uploads(mut self, per_10s: u32, per_account: usize, total: usize) -> Self {
+        self.upload = quota(per_10s, Duration::from_secs(10)).map(RateLimiter::keyed);
+        {
+            let mut f = self.uploads.lock().expect("upload slots");
+            f.per_account = per_account;
+            f.total = total;
+        }
+        self
     }
 
     fn check(&self, limiter: &Option<Keyed>, key: &str) -> Result<(), u64> {
@@ -59,9 +123,37 @@ impl Limits {
         self.check(&self.query, key_id)
     }
 
+    /// An upload by this account; `Err(seconds to wait)` when over the limit.
+    pub fn check_upload(&self, account_id: &str) -> Result<(), u64> {
+        self.check(&self.upload, account_id)
+    }
+
+    /// A slot for one upload of this account, held while it is handled.
+    pub fn upload_slot(&self, account_id: &str) -> Result<UploadSlot, SlotRefused> {
+        let mut f = self.uploads.lock().expect("upload slots");
+        if f.total > 0 && f.now_total >= f.total {
+            return Err(SlotRefused::Server { limit: f.total });
+        }
+        let mine = f.now.get(account_id).copied().unwrap_or(0);
+        if f.per_account > 0 && mine >= f.per_account {
+            return Err(SlotRefused::Account {
+                limit: f.per_account,
+            });
+        }
+        f.now_total += 1;
+        *f.now.entry(account_id.to_string()).or_default() += 1;
+        Ok(UploadSlot {
+            account: account_id.to_string(),
+            uploads: self.uploads.clone(),
+        })
+    }
+
     /// Forgets idle keys, so the maps do not grow without bound.
     pub fn prune(&self) {
-        for l in [&self.create, &self.query].into_iter().flatten() {
+        for l in [&self.create, &self.query, &self.upload]
+            .into_iter()
+            .flatten()
+        {
             l.retain_recent();
             l.shrink_to_fit();
         }
@@ -86,6 +178,53 @@ mod tests {
         let off = Limits::new(0, 0);
         for _ in 0..100 {
             assert!(off.check_create("a").is_ok());
+            assert!(off.check_upload("a").is_ok(), "no upload limit unless set");
         }
+    }
+
+    #[test]
+    fn uploads_are_rate_limited_per_account() {
+        let l = Limits::new(0, 0).with_uploads(2, 0, 0);
+        assert!(l.check_upload("a").is_ok() && l.check_upload("a").is_ok());
+        let wait = l.check_upload("a").unwrap_err();
+        assert!((1..=5).contains(&wait), "{wait}");
+        assert!(l.check_upload("b").is_ok());
+        assert!(
+            l.check_create("a").is_ok(),
+            "creates have their own limiter"
+        );
+    }
+
+    #[test]
+    fn upload_slots_cap_each_account_and_the_server() {
+        let l = Limits::new(0, 0).with_uploads(0, 2, 3);
+        let a1 = l.upload_slot("a").unwrap();
+        let a2 = l.upload_slot("a").unwrap();
+        assert_eq!(
+            l.upload_slot("a").unwrap_err(),
+            SlotRefused::Account { limit: 2 }
+        );
+        let b1 = l.upload_slot("b").unwrap();
+        assert_eq!(
+            l.upload_slot("c").unwrap_err(),
+            SlotRefused::Server { limit: 3 }
+        );
+        drop(a1);
+        // The freed slot is usable by anyone, the account's own cap still holds.
+        let c1 = l.upload_slot("c").unwrap();
+        assert_eq!(
+            l.upload_slot("b").unwrap_err(),
+            SlotRefused::Server { limit: 3 }
+        );
+        drop((a2, b1, c1));
+        assert!(
+            l.uploads.lock().unwrap().now.is_empty(),
+            "no idle entries kept"
+        );
+        let _all: Vec<_> = (0..3)
+            .map(|i| l.upload_slot(&i.to_string()).unwrap())
+            .collect();
+        let off = Limits::new(0, 0);
+        let _many: Vec<_> = (0..100).map(|_| off.upload_slot("a").unwrap()).collect();
     }
 }

@@ -323,7 +323,7 @@ fn meaning(code: u16) -> &'static str {
         402 => "insufficient credits",
         403 => "the endpoint is disabled on this server",
         404 => "not found",
-        413 => "too large",
+        413 => "too large (for uploads: the file, or the account's upload quota)",
         422 => "validation error; msg names the field",
         429 => "rate limited",
         433 => "the key's own usage cap is reached",
@@ -442,7 +442,8 @@ pub struct UploadErrors;
 
 impl IntoResponses for UploadErrors {
     fn responses() -> BTreeMap<String, RefOr<utoipa::openapi::response::Response>> {
-        [400, 401, 403, 413, 500]
+        // 429: over the account's upload rate or the caps on uploads in flight.
+        [400, 401, 403, 413, 429, 500]
             .into_iter()
             .map(|status| {
                 let description = format!(

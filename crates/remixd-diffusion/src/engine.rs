@@ -16,7 +16,9 @@ use async_trait::async_trait;
 use candle_core::Device;
 use image::RgbImage;
 use remixd_domain::{RenderingSpeed, Style};
-use remixd_engine::{preview, Engine, EngineError, EngineImage, Job, Progress};
+use remixd_engine::{
+    preview, Engine, EngineError, EngineImage, InputRole, Job, Progress, WorkingSize,
+};
 use tokio_util::sync::CancellationToken;
 
 use crate::model::StableDiffusion;
@@ -207,6 +209,20 @@ impl Engine for LocalEngine {
     async fn ready(&self) -> Result<(), EngineError> {
         // The model is loaded before the engine exists.
         Ok(())
+    }
+
+    /// The base is cover-resized to the generation size (the model's native pixel
+    /// budget at the output's aspect ratio), so nothing larger is needed; the reference,
+    /// mask and style images are not used yet, so thumbnails will do.
+    fn working_size(&self, role: InputRole, output: (u32, u32)) -> WorkingSize {
+        match role {
+            InputRole::Base => {
+                let (w, h) =
+                    generation_size(self.model.native_side(), self.model.size_multiple(), output);
+                WorkingSize::Cover(w, h)
+            }
+            InputRole::Character | InputRole::Mask | InputRole::Style => WorkingSize::Fit(64, 64),
+        }
     }
 
     async fn generate(

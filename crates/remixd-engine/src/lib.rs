@@ -5,6 +5,10 @@
 //! one [`EngineImage`] per requested image or an [`EngineError`] of one of four kinds.
 //! The worker crate decides what each kind means for the task (fail now, retry later).
 //!
+//! Each engine also says how much of each input it really uses ([`Engine::working_size`]):
+//! the worker reduces every image to that size right after decoding it, so a task with
+//! a dozen 36-megapixel inputs holds a dozen small images, not a dozen canvases.
+//!
 //! The engines here are the light ones; the local diffusion engine is its own crate.
 
 use std::sync::Arc;
@@ -134,6 +138,47 @@ pub async fn run_blocking(
     }
 }
 
+/// The part an input image plays in a job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InputRole {
+    Base,
+    Character,
+    /// The character's mask; reduced like the character, so the two stay aligned.
+    Mask,
+    Style,
+}
+
+/// How much of an input image an engine uses, as displayed (orientation applied). The
+/// worker reduces each image to this right after decoding, never enlarging it and
+/// keeping its aspect ratio.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkingSize {
+    /// Every pixel.
+    Full,
+    /// The smallest size that still covers `w`×`h` (both sides at least these).
+    Cover(u32, u32),
+    /// The largest size that fits inside `w`×`h`.
+    Fit(u32, u32),
+}
+
+/// The longest side of a style image in [`default_working_size`]: style images only
+/// give a palette (colour means and spreads), which a thumbnail holds as well as the
+/// original.
+pub const STYLE_THUMBNAIL_SIDE: u32 = 256;
+
+/// What an engine that renders at the output size needs (the preview engine, and the
+/// default of [`Engine::working_size`]): the base covering the output, which is then
+/// cover-cropped to it; the character and its mask fitting a square of the output's
+/// longest side (the character is drawn at most that large); style images as
+/// thumbnails.
+pub fn default_working_size(role: InputRole, (w, h): (u32, u32)) -> WorkingSize {
+    match role {
+        InputRole::Base => WorkingSize::Cover(w, h),
+        InputRole::Character | InputRole::Mask => WorkingSize::Fit(w.max(h), w.max(h)),
+        InputRole::Style => WorkingSize::Fit(STYLE_THUMBNAIL_SIDE, STYLE_THUMBNAIL_SIDE),
+    }
+}
+
 /// Receives progress, 0..=100. Cheap to call often; it must not block.
 pub type Progress = Arc<dyn Fn(u8) + Send + Sync>;
 
@@ -145,6 +190,15 @@ pub trait Engine: Send + Sync + 'static {
 
     /// Whether the engine can take work now (weights loaded, provider key present).
     async fn ready(&self) -> Result<(), EngineError>;
+
+    /// How much of an input in `role` this engine uses for an output of `output`
+    /// (width, height) pixels. The worker reduces each decoded image to this before the
+    /// job is built. The default suits engines that render at the output size
+    /// ([`default_working_size`]); an engine that works at another size, or ignores an
+    /// input, says so here.
+    fn working_size(&self, role: InputRole, output: (u32, u32)) -> WorkingSize {
+        default_working_size(role, output)
+    }
 
     /// Generates `job.num_images` images, image `i` from seed `job.seed + i`.
     ///

@@ -159,6 +159,7 @@ pub struct Fetcher {
     client: reqwest::Client,
     policy: Arc<AddressPolicy>,
     cfg: Arc<FetchConfig>,
+    decoder: crate::DecodeGate,
 }
 
 impl Fetcher {
@@ -178,12 +179,18 @@ impl Fetcher {
         Ok(Self {
             client,
             policy,
+            decoder: crate::DecodeGate::new(cfg.decode_concurrency),
             cfg: Arc::new(cfg),
         })
     }
 
     pub fn config(&self) -> &FetchConfig {
         &self.cfg
+    }
+
+    /// The process's bound on decodes in flight: every clone of this fetcher shares it.
+    pub fn decoder(&self) -> &crate::DecodeGate {
+        &self.decoder
     }
 
     pub fn policy(&self) -> &AddressPolicy {
@@ -312,8 +319,9 @@ impl Fetcher {
         Err(FetchError::TooManyRedirects)
     }
 
-    /// Downloads an image, checks its type from the bytes, and its dimensions from the
-    /// header against `max_pixels` (without decoding the pixels).
+    /// Downloads an image, checks its type from the bytes, that it is complete, and its
+    /// displayed dimensions from the header against `max_pixels` (without decoding the
+    /// pixels).
     pub async fn fetch_image(&self, url: &str, max_bytes: u64) -> Result<FetchedImage, FetchError> {
         self.fetch_image_shared(url, max_bytes, None).await
     }

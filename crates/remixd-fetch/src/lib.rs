@@ -5,8 +5,11 @@
 //! - [`client`]: downloads that apply the policy to every resolved address and every
 //!   redirect hop, connect only to checked addresses, stop reading at a byte cap and
 //!   give up after a timeout;
-//! - [`images`]: sniffing (JPEG, PNG, WebP, from the bytes) and decoding with a pixel
-//!   limit, so a decompression bomb is refused before it allocates.
+//! - [`images`]: sniffing (JPEG, PNG, WebP, from the bytes), the header check (displayed
+//!   size after EXIF orientation, pixel limit, truncated files refused), and decoding
+//!   straight to 8 bits, reduced to the size the caller needs, under a process-wide
+//!   bound on decodes in flight ([`DecodeGate`]); a decompression bomb is refused before
+//!   it allocates.
 //!
 //! Error texts are phrases that follow a field name: the worker writes
 //! `format!("{field} {error}")` into the task's `failMsg`.
@@ -19,7 +22,10 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 pub use client::{Fetcher, SharedBudget};
-pub use images::{decode_luma, decode_rgb, probe, sniff, FetchedImage, ImageKind};
+pub use images::{
+    check_complete, decode_luma, decode_luma_within, decode_rgb, decode_rgb_within, probe, sniff,
+    DecodeGate, FetchedImage, ImageKind, Reduce, TaskPixels,
+};
 pub use policy::{classify, AddressClass, AddressPolicy};
 
 /// Settings of the fetcher (`fetch.*`).
@@ -38,6 +44,10 @@ pub struct FetchConfig {
     pub max_image_bytes: u64,
     /// Largest decoded image, in pixels (width × height).
     pub max_pixels: u64,
+    /// Largest sum of width × height over all images of one task.
+    pub max_task_pixels: u64,
+    /// Decodes running at once in the process (see [`DecodeGate`]).
+    pub decode_concurrency: usize,
     pub user_agent: String,
 }
 
@@ -50,6 +60,8 @@ impl Default for FetchConfig {
             origin: None,
             max_image_bytes: 10 * 1024 * 1024,
             max_pixels: 40_000_000,
+            max_task_pixels: 120_000_000,
+            decode_concurrency: 2,
             user_agent: concat!("remixd/", env!("CARGO_PKG_VERSION")).to_string(),
         }
     }
@@ -84,6 +96,10 @@ pub enum FetchError {
     NotImage,
     #[error("has dimensions {width}x{height}, above the limit of {limit} pixels")]
     TooManyPixels { width: u32, height: u32, limit: u64 },
+    #[error("is truncated: {0}")]
+    Truncated(String),
+    #[error("brings the task's images to {total} pixels, above the limit of {limit} pixels for all images of a task together")]
+    TaskPixels { total: u64, limit: u64 },
     #[error("could not be decoded: {0}")]
     Decode(String),
     #[error("invalid fetch setting: {0}")]

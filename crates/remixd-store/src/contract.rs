@@ -95,6 +95,7 @@ where
     idempotency_keys(make().await).await;
     retention_rows(&*make().await).await;
     task_list_pages(&*make().await).await;
+    upload_quota(make().await).await;
 }
 
 /// An account's tasks, newest first, page after page; never another account's.
@@ -741,4 +742,70 @@ pub async fn idempotency_keys(s: Arc<dyn Store>) {
     }
     assert_eq!((created, ids.len()), (1, 1));
     assert_eq!(s.balance(&acct).await.unwrap(), 100 - 18 * 3);
+}
+
+pub async fn upload_quota(s: Arc<dyn Store>) {
+    let (a, _) = account_with_key(&*s, "up-a", 0, KeyLimits::default()).await;
+    let (b, _) = account_with_key(&*s, "up-b", 0, KeyLimits::default()).await;
+    let up = |key: &str, account: &str, size: i64, at: i64, until: i64| crate::UploadRecord {
+        key: key.into(),
+        account_id: account.into(),
+        file_size: size,
+        mime_type: "image/png".into(),
+        create_time: at,
+        expire_time: until,
+    };
+    assert_eq!(s.upload_bytes(&a, 0).await.unwrap(), 0);
+    assert!(s
+        .record_upload_within(&up("a1", &a, 40, 10, 1000), 100)
+        .await
+        .unwrap());
+    assert!(s
+        .record_upload_within(&up("a2", &a, 60, 20, 2000), 100)
+        .await
+        .unwrap());
+    // Exactly at the quota passes; one byte more does not, and leaves no row.
+    assert!(!s
+        .record_upload_within(&up("a3", &a, 1, 30, 2000), 100)
+        .await
+        .unwrap());
+    assert_eq!(s.upload("a3").await.unwrap(), None);
+    assert_eq!(s.upload_bytes(&a, 30).await.unwrap(), 100);
+    // Other accounts have their own room.
+    assert!(s
+        .record_upload_within(&up("b1", &b, 90, 30, 2000), 100)
+        .await
+        .unwrap());
+    assert_eq!(s.upload_bytes(&b, 30).await.unwrap(), 90);
+    // Expired uploads no longer count, whether or not the sweeper removed them yet.
+    assert_eq!(s.upload_bytes(&a, 1001).await.unwrap(), 60);
+    assert!(s
+        .record_upload_within(&up("a4", &a, 40, 1001, 3000), 100)
+        .await
+        .unwrap());
+    assert_eq!(s.upload_bytes(&a, 1001).await.unwrap(), 100);
+    // The plain record does not look at quotas (and counts towards them).
+    s.record_upload(&up("a5", &a, 500, 1002, 3000))
+        .await
+        .unwrap();
+    assert_eq!(s.upload_bytes(&a, 1002).await.unwrap(), 600);
+
+    // Racing for the last room: exactly as many pass as fit.
+    let (c, _) = account_with_key(&*s, "up-c", 0, KeyLimits::default()).await;
+    let joins: Vec<_> = (0..10)
+        .map(|i| {
+            let (s, c) = (s.clone(), c.clone());
+            tokio::spawn(async move {
+                s.record_upload_within(&up(&format!("c{i}"), &c, 30, 5, 9999), 100)
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    let mut passed = 0;
+    for j in joins {
+        passed += j.await.unwrap() as usize;
+    }
+    assert_eq!(passed, 3);
+    assert_eq!(s.upload_bytes(&c, 5).await.unwrap(), 90);
 }

@@ -483,6 +483,13 @@ pub trait Store: Send + Sync + 'static {
     // Uploads and server values.
     async fn record_upload(&self, upload: &UploadRecord) -> Result<()>;
     async fn upload(&self, key: &str) -> Result<Option<UploadRecord>>;
+    /// Bytes of the account's uploads not yet expired at `now` (the upload quota's use).
+    async fn upload_bytes(&self, account_id: &str, now: Millis) -> Result<i64>;
+    /// Records an upload only when the account's unexpired uploads at its
+    /// `create_time`, with this one, take at most `quota` bytes; `false` (nothing
+    /// recorded) otherwise. Check and insert are one statement, so uploads racing for
+    /// the last room cannot all pass.
+    async fn record_upload_within(&self, upload: &UploadRecord, quota: i64) -> Result<bool>;
     // Retention.
     /// Successful tasks finished before `before` whose result files are still there.
     async fn results_due(&self, before: Millis, limit: i64) -> Result<Vec<TaskId>>;

@@ -954,6 +954,39 @@ impl Store for SqliteStore {
         ))
     }
 
+    async fn upload_bytes(&self, account_id: &str, now: Millis) -> Result<i64> {
+        Ok(sqlx::query_scalar(
+            "SELECT COALESCE(SUM(file_size), 0) FROM uploads WHERE account_id = ? AND expire_time >= ?",
+        )
+        .bind(account_id)
+        .bind(now)
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    async fn record_upload_within(&self, u: &UploadRecord, quota: i64) -> Result<bool> {
+        // One statement on the single writer connection: the sum it reads is the one
+        // it inserts against.
+        let done = sqlx::query(
+            "INSERT INTO uploads (key, account_id, file_size, mime_type, create_time, expire_time) \
+             SELECT ?, ?, ?, ?, ?, ? WHERE ? + (SELECT COALESCE(SUM(file_size), 0) FROM uploads \
+             WHERE account_id = ? AND expire_time >= ?) <= ?",
+        )
+        .bind(&u.key)
+        .bind(&u.account_id)
+        .bind(u.file_size)
+        .bind(&u.mime_type)
+        .bind(u.create_time)
+        .bind(u.expire_time)
+        .bind(u.file_size)
+        .bind(&u.account_id)
+        .bind(u.create_time)
+        .bind(quota)
+        .execute(&self.write)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
     async fn results_due(&self, before: Millis, limit: i64) -> Result<Vec<TaskId>> {
         let ids: Vec<String> = sqlx::query_scalar(
             "SELECT id FROM tasks WHERE state = 'success' AND files_swept = 0 AND complete_time < ? ORDER BY complete_time LIMIT ?",

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use rand::RngCore;
 use remixd_domain::{now_millis, FailCode, Seed};
-use remixd_engine::{EngineError, EngineImage, Job, Progress};
+use remixd_engine::{EngineError, EngineImage, InputRole, Job, Progress, WorkingSize};
 use remixd_store::{Finish, Stage, StoreError, TaskRecord};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
@@ -63,7 +63,12 @@ pub(crate) async fn run_one(ctx: &Arc<Ctx>) -> Result<bool, StoreError> {
     let progress = progress_writer(ctx, &task, done.clone());
 
     let generation_started = std::time::Instant::now();
-    let outcome = match load_job(ctx, &task).await {
+    let loaded = tokio::select! {
+        job = load_job(ctx, &task) => job,
+        // A cancelled (or lost) task stops waiting for its turn to decode.
+        () = cancel.cancelled() => Err(EngineError::Cancelled),
+    };
+    let outcome = match loaded {
         Ok(job) => ctx.engine.generate(job, progress, cancel.clone()).await,
         Err(e) => Err(e),
     };
@@ -180,67 +185,69 @@ async fn retry_or_fail(
     Ok(())
 }
 
-/// Reads the fetched inputs back and decodes them (off the async threads).
+/// The engine's working size for an input, as the decoder's bound.
+fn reduce_for(ctx: &Ctx, role: &Role, output: (u32, u32)) -> remixd_fetch::Reduce {
+    let role = match role {
+        Role::Base => InputRole::Base,
+        Role::Character => InputRole::Character,
+        Role::Mask => InputRole::Mask,
+        Role::Style(_) => InputRole::Style,
+    };
+    match ctx.engine.working_size(role, output) {
+        WorkingSize::Full => remixd_fetch::Reduce::Keep,
+        WorkingSize::Cover(w, h) => remixd_fetch::Reduce::Cover(w, h),
+        WorkingSize::Fit(w, h) => remixd_fetch::Reduce::Fit(w, h),
+    }
+}
+
+/// Reads the fetched inputs back and decodes them one at a time, each through the
+/// process's decode gate (off the async threads, at most `worker.decode_concurrency`
+/// at once in the process) and reduced to the engine's working size right away, so a
+/// task never holds more than one full-size canvas.
 async fn load_job(ctx: &Ctx, task: &TaskRecord) -> Result<Job, EngineError> {
     let task_id = task.id.to_string();
-    let mut raw = Vec::new();
+    let max_pixels = ctx.fetcher.config().max_pixels;
+    let gate = ctx.fetcher.decoder();
+    let output = task.input.image_size.dimensions();
+    let mut base = None;
+    let mut character = None;
+    let mut mask = None;
+    let mut style_images = Vec::new();
     for (role, _) in roles(&task.input) {
         let bytes = ctx.blobs.get(&role.key(&task_id)).await.map_err(|e| {
             EngineError::Internal(format!("input {} missing from storage: {e}", role.field()))
         })?;
-        raw.push((role, bytes));
-    }
-    let max_pixels = ctx.fetcher.config().max_pixels;
-    let input = task.input.clone();
-    tokio::task::spawn_blocking(move || {
-        let mut base = None;
-        let mut character = None;
-        let mut mask = None;
-        let mut style_images = Vec::new();
-        let bad = |role: &Role, e: remixd_fetch::FetchError| {
-            EngineError::BadInput(format!("{} {e}", role.field()))
-        };
-        for (role, bytes) in raw {
-            match role {
-                Role::Base => {
-                    base = Some(
-                        remixd_fetch::decode_rgb(&bytes, max_pixels).map_err(|e| bad(&role, e))?,
-                    )
-                }
-                Role::Character => {
-                    character = Some(
-                        remixd_fetch::decode_rgb(&bytes, max_pixels).map_err(|e| bad(&role, e))?,
-                    )
-                }
-                Role::Mask => {
-                    mask = Some(
-                        remixd_fetch::decode_luma(&bytes, max_pixels).map_err(|e| bad(&role, e))?,
-                    )
-                }
-                Role::Style(_) => style_images
-                    .push(remixd_fetch::decode_rgb(&bytes, max_pixels).map_err(|e| bad(&role, e))?),
+        let reduce = reduce_for(ctx, &role, output);
+        let bad =
+            |e: remixd_fetch::FetchError| EngineError::BadInput(format!("{} {e}", role.field()));
+        match role {
+            Role::Base => base = Some(gate.rgb(bytes, max_pixels, reduce).await.map_err(bad)?),
+            Role::Character => {
+                character = Some(gate.rgb(bytes, max_pixels, reduce).await.map_err(bad)?)
+            }
+            Role::Mask => mask = Some(gate.luma(bytes, max_pixels, reduce).await.map_err(bad)?),
+            Role::Style(_) => {
+                style_images.push(gate.rgb(bytes, max_pixels, reduce).await.map_err(bad)?)
             }
         }
-        Ok(Job {
-            task_id: task_id.clone(),
-            base: base.ok_or_else(|| EngineError::Internal("no base image".into()))?,
-            character: character
-                .ok_or_else(|| EngineError::Internal("no character image".into()))?,
-            mask,
-            style_images,
-            prompt: input.prompt,
-            negative_prompt: input.negative_prompt,
-            expand_prompt: input.expand_prompt,
-            size: input.image_size,
-            num_images: input.num_images,
-            seed: input.seed,
-            strength: input.strength,
-            style: input.style,
-            rendering_speed: input.rendering_speed,
-        })
+    }
+    let input = task.input.clone();
+    Ok(Job {
+        task_id,
+        base: base.ok_or_else(|| EngineError::Internal("no base image".into()))?,
+        character: character.ok_or_else(|| EngineError::Internal("no character image".into()))?,
+        mask,
+        style_images,
+        prompt: input.prompt,
+        negative_prompt: input.negative_prompt,
+        expand_prompt: input.expand_prompt,
+        size: input.image_size,
+        num_images: input.num_images,
+        seed: input.seed,
+        strength: input.strength,
+        style: input.style,
+        rendering_speed: input.rendering_speed,
     })
-    .await
-    .map_err(|e| EngineError::Internal(format!("decoder panicked: {e}")))?
 }
 
 /// Forwards engine progress to the store, at most a few writes a second.

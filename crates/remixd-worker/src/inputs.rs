@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use futures::{FutureExt, StreamExt};
+use futures::StreamExt;
 use remixd_domain::{now_millis, FailCode, TaskId, TaskInput};
 use remixd_fetch::{FetchError, FetchedImage, SharedBudget};
 use remixd_store::blobs::{classify_url, result_task, FileUrl};
@@ -181,7 +181,10 @@ async fn fetch_all(ctx: &Ctx, task: &TaskRecord) -> Result<(), FetchFailure> {
     let cfg = ctx.fetcher.config();
     let cap = cfg.max_image_bytes;
     let styles = SharedBudget::new(cap); // style images share one budget, as the contract says
+                                         // All images together, from their headers (`fetch.max_task_pixels`).
+    let pixels = std::sync::Mutex::new(remixd_fetch::TaskPixels::new(cfg.max_task_pixels));
     let roles = roles(&task.input);
+    let task_id = task.id.to_string();
     let progress: Vec<AtomicU8> = roles.iter().map(|_| AtomicU8::new(QUEUED)).collect();
     // The futures are made up front (they start only when first polled) and not in a
     // stream closure, whose higher-ranked lifetimes the spawned loop's `Send` check
@@ -191,21 +194,32 @@ async fn fetch_all(ctx: &Ctx, task: &TaskRecord) -> Result<(), FetchFailure> {
         .enumerate()
         .map(|(i, (role, url))| {
             let shared = matches!(role, Role::Style(_)).then_some(&styles);
-            fetch_one(ctx, task, role, url, cap, shared, &progress[i]).map(move |r| (i, r))
+            let (pixels, task_id, progress) = (&pixels, &task_id, &progress[i]);
+            async move {
+                let img = fetch_one(ctx, task, role, url, cap, shared, progress).await?;
+                pixels
+                    .lock()
+                    .expect("pixel budget")
+                    .add(img.width, img.height)
+                    .map_err(|e| FetchFailure::Input(format!("{} {e}", role.field())))?;
+                // Stored at once: a task holds no more than its downloads in flight.
+                store_input(ctx, &role.key(task_id), img.bytes)
+                    .await
+                    .map_err(FetchFailure::Ours)
+            }
         })
         .collect();
     let downloads = futures::stream::iter(each).buffer_unordered(PARALLEL_DOWNLOADS);
     // The first failure ends the task at once; the other downloads are dropped with it.
     let all = async {
         futures::pin_mut!(downloads);
-        let mut got = Vec::with_capacity(roles.len());
-        while let Some((i, r)) = downloads.next().await {
-            got.push((i, r?));
+        while let Some(r) = downloads.next().await {
+            r?;
         }
-        Ok::<_, FetchFailure>(got)
+        Ok::<_, FetchFailure>(())
     };
-    let got = match tokio::time::timeout(cfg.task_timeout, all).await {
-        Ok(r) => r?,
+    match tokio::time::timeout(cfg.task_timeout, all).await {
+        Ok(r) => r,
         Err(_) => {
             let state = |i: &usize| progress[*i].load(Ordering::Relaxed);
             let slow = (0..roles.len())
@@ -215,19 +229,12 @@ async fn fetch_all(ctx: &Ctx, task: &TaskRecord) -> Result<(), FetchFailure> {
             let e = FetchError::TaskTimeout {
                 secs: cfg.task_timeout.as_secs().max(1),
             };
-            return Err(FetchFailure::Input(format!(
+            Err(FetchFailure::Input(format!(
                 "{} {e}",
                 roles[slow].0.field()
-            )));
+            )))
         }
-    };
-    let task_id = task.id.to_string();
-    for (i, img) in got {
-        store_input(ctx, &roles[i].0.key(&task_id), img.bytes)
-            .await
-            .map_err(FetchFailure::Ours)?;
     }
-    Ok(())
 }
 
 /// One input: from storage when it is this server's file, else over HTTP.

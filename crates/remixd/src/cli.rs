@@ -175,12 +175,36 @@ pub enum BenchCmd {
         #[arg(long, value_enum, value_delimiter = ',')]
         only: Vec<crate::bench::SdPart>,
     },
+    /// Resident memory of a `remixd serve` child through hostile bursts: a 13-image
+    /// task of 6000×6000 16-bit PNGs, 40 concurrent 10 MB base64 uploads (Linux).
+    Memory {
+        /// Run the servers with MIMALLOC_PURGE_DELAY=-1 (the local engine's setting).
+        #[arg(long)]
+        keep_freed: bool,
+        /// Another remixd executable to run as the server (e.g. an older build).
+        #[arg(long)]
+        server_exe: Option<PathBuf>,
+    },
     /// Callback latency (completion to receipt) and deliveries per second, on loopback.
     Callbacks {
         /// Tasks in the latency run; the throughput run uses four times as many.
         #[arg(long, default_value_t = 300)]
         tasks: usize,
     },
+}
+
+/// Whether this command runs the local diffusion engine in this process: `generate`,
+/// `bench sd`, and `serve` (or `demo`) with `engine.kind = "local"` in a process that
+/// runs workers. Only such a process wants the allocator to keep freed memory.
+pub fn runs_local_engine(cli: &Cli) -> bool {
+    let local_engine =
+        || Settings::load(cli.config.as_deref()).is_ok_and(|s| s.engine.kind == "local");
+    match &cli.command {
+        Command::Generate(_) | Command::Bench(BenchCmd::Sd { .. }) => true,
+        Command::Serve { role, .. } => *role != Role::Api && local_engine(),
+        Command::Demo { .. } => local_engine(),
+        _ => false,
+    }
 }
 
 /// Runs one command; the caller prints errors and sets the exit status.
@@ -387,6 +411,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             tokio::task::spawn_blocking(move || crate::bench::sd(b)).await?
         }
+        Command::Bench(BenchCmd::Memory {
+            keep_freed,
+            server_exe,
+        }) => crate::membench::memory(keep_freed, server_exe).await,
         Command::Bench(BenchCmd::Callbacks { tasks }) => {
             crate::bench::callbacks(settings, tasks).await
         }

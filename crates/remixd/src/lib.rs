@@ -12,6 +12,7 @@ pub mod bench;
 pub mod cli;
 pub mod demo;
 pub mod generate;
+pub mod membench;
 pub mod serve;
 pub mod settings;
 pub mod submit;
@@ -188,6 +189,8 @@ pub async fn launch_with_listener(
         origin: Some(origin.clone()),
         max_image_bytes: settings.fetch.max_image_bytes,
         max_pixels: settings.fetch.max_pixels,
+        max_task_pixels: settings.fetch.max_task_pixels,
+        decode_concurrency: settings.worker.decode_concurrency,
         ..FetchConfig::default()
     })
     .context("fetch settings")?;
@@ -298,6 +301,10 @@ pub async fn launch_with_listener(
         uploads_ttl_ms: (settings.retention.uploads_hours * 3_600_000.0) as i64,
         private_files: settings.storage.private_files,
         streams_per_key: settings.limits.streams_per_key,
+        uploads_per_10s: settings.limits.uploads_per_10s,
+        upload_quota_bytes: settings.limits.upload_quota_bytes,
+        uploads_in_flight_per_account: settings.limits.uploads_in_flight_per_account,
+        uploads_in_flight: settings.limits.uploads_in_flight,
         ..ApiConfig::default()
     };
     let hooks = {

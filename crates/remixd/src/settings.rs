@@ -251,6 +251,8 @@ pub struct FetchSettings {
     pub task_timeout_s: u64,
     pub max_image_bytes: u64,
     pub max_pixels: u64,
+    /// The sum of width × height over all images of one task, from their headers.
+    pub max_task_pixels: u64,
 }
 
 impl Default for FetchSettings {
@@ -261,6 +263,7 @@ impl Default for FetchSettings {
             task_timeout_s: 60,
             max_image_bytes: 10 * 1024 * 1024,
             max_pixels: 40_000_000,
+            max_task_pixels: 120_000_000,
         }
     }
 }
@@ -273,6 +276,14 @@ pub struct LimitsSettings {
     pub max_attempts: i64,
     /// SSE streams open at once per API key.
     pub streams_per_key: usize,
+    /// Uploads per account per 10 s; 0 turns the limit off.
+    pub uploads_per_10s: u32,
+    /// Bytes of unexpired uploads one account may keep; 0: no quota.
+    pub upload_quota_bytes: u64,
+    /// Uploads being received at once for one account; 0: no cap.
+    pub uploads_in_flight_per_account: usize,
+    /// Uploads being received at once by one API process; 0: no cap.
+    pub uploads_in_flight: usize,
 }
 
 impl Default for LimitsSettings {
@@ -282,6 +293,10 @@ impl Default for LimitsSettings {
             query_per_s: 10,
             max_attempts: 3,
             streams_per_key: 8,
+            uploads_per_10s: 20,
+            upload_quota_bytes: 1 << 30,
+            uploads_in_flight_per_account: 4,
+            uploads_in_flight: 8,
         }
     }
 }
@@ -362,6 +377,8 @@ pub struct WorkerSettings {
     pub retry_delay_ms: u64,
     /// Time that work in hand gets to finish after SIGTERM.
     pub shutdown_grace_ms: u64,
+    /// Image decodes running at once in the process (each holds a full-size canvas).
+    pub decode_concurrency: usize,
 }
 
 impl Default for WorkerSettings {
@@ -373,6 +390,7 @@ impl Default for WorkerSettings {
             fetch_per_account: None,
             retry_delay_ms: 10_000,
             shutdown_grace_ms: 20_000,
+            decode_concurrency: 2,
         }
     }
 }
@@ -485,6 +503,38 @@ impl Settings {
             "limits.streams_per_key must be 1..=1000, not {}",
             self.limits.streams_per_key
         );
+        anyhow::ensure!(
+            self.fetch.max_pixels >= 1,
+            "fetch.max_pixels must be at least 1"
+        );
+        anyhow::ensure!(
+            self.fetch.max_task_pixels >= self.fetch.max_pixels,
+            "fetch.max_task_pixels must be at least fetch.max_pixels ({}), or no task could use an image of the largest size",
+            self.fetch.max_pixels
+        );
+        anyhow::ensure!(
+            (1..=64).contains(&self.worker.decode_concurrency),
+            "worker.decode_concurrency must be 1..=64, not {}",
+            self.worker.decode_concurrency
+        );
+        let quota = self.limits.upload_quota_bytes;
+        anyhow::ensure!(
+            quota == 0 || quota >= self.fetch.max_image_bytes,
+            "limits.upload_quota_bytes must be 0 (no quota) or at least fetch.max_image_bytes ({}), or no upload of the largest size could be kept",
+            self.fetch.max_image_bytes
+        );
+        for (key, v) in [
+            (
+                "uploads_in_flight_per_account",
+                self.limits.uploads_in_flight_per_account,
+            ),
+            ("uploads_in_flight", self.limits.uploads_in_flight),
+        ] {
+            anyhow::ensure!(
+                v <= 100_000,
+                "limits.{key} must be 0 (no cap) up to 100000, not {v}"
+            );
+        }
         if let Some(u) = &self.server.public_url {
             let parsed =
                 url::Url::parse(u).map_err(|e| anyhow::anyhow!("server.public_url {u:?}: {e}"))?;
@@ -759,6 +809,25 @@ mod tests {
             assert!(Settings::default().check().is_ok());
             Ok(())
         });
+    }
+
+    #[test]
+    fn new_limits_are_range_checked_by_name() {
+        assert!(Settings::default().check().is_ok());
+        let err = |tweak: fn(&mut Settings)| {
+            let mut s = Settings::default();
+            tweak(&mut s);
+            s.check().unwrap_err().to_string()
+        };
+        assert!(err(|s| s.worker.decode_concurrency = 0).contains("worker.decode_concurrency"));
+        assert!(err(|s| s.worker.decode_concurrency = 65).contains("worker.decode_concurrency"));
+        assert!(err(|s| s.fetch.max_task_pixels = 1000).contains("fetch.max_task_pixels"));
+        assert!(err(|s| s.limits.upload_quota_bytes = 5).contains("limits.upload_quota_bytes"));
+        assert!(err(|s| s.limits.uploads_in_flight = 1 << 20).contains("limits.uploads_in_flight"));
+        let mut s = Settings::default();
+        s.limits.upload_quota_bytes = 0;
+        s.limits.uploads_in_flight = 0;
+        assert!(s.check().is_ok(), "0 turns them off");
     }
 
     #[test]

@@ -12,12 +12,18 @@ use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_creates_never_overdraw_and_failures_refund() {
-    let srv = TestServer::start().await;
+    // Enough fetch slots for the seven tasks at once, so they time out together.
+    let srv = TestServer::start_with(|s| {
+        s.worker.fetch_concurrency = 8;
+        s.worker.fetch_per_account = Some(8);
+    })
+    .await;
     let api = srv.account("racer", 18 * 7, KeyLimits::default()).await;
-    // The base image takes 2 s to arrive, so no task finishes (and refunds) during the
-    // burst; then the character URL (port 9, refused) fails them all.
+    // The base image takes 2 s to arrive and the character URL never answers, so no
+    // task finishes (and refunds) during the burst (a task's downloads run in parallel);
+    // then the character's download times out (fetch.timeout_s) and fails them all.
     let img = ImageServer::start().await;
-    let body = task_body(&img.url("slow/2000"), "http://127.0.0.1:9/b.png", json!({}));
+    let body = task_body(&img.url("slow/2000"), &img.url("hang"), json!({}));
     let mut joins = Vec::new();
     for _ in 0..40 {
         let (api, body) = (api.clone(), body.clone());

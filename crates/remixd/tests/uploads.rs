@@ -363,3 +363,227 @@ async fn download_url_signs_20_minute_links_to_our_own_files_only() {
     }
     srv.stop().await;
 }
+
+/// An upload's status, body and `Retry-After`, from the base64 form.
+async fn b64_upload(srv: &TestServer, key: &str, bytes: &[u8]) -> (u16, Value, Option<String>) {
+    let b64 = base64::engine::general_purpose::STANDARD.encode(bytes);
+    let r = srv
+        .api
+        .http
+        .post(format!("{}/api/file-base64-upload", srv.api.base))
+        .bearer_auth(key)
+        .json(&json!({"base64Data": b64, "uploadPath": "q"}))
+        .send()
+        .await
+        .unwrap();
+    let retry = r
+        .headers()
+        .get("retry-after")
+        .map(|v| v.to_str().unwrap().to_string());
+    (r.status().as_u16(), r.json().await.unwrap(), retry)
+}
+
+fn assert_refused(got: &(u16, Value, Option<String>), code: u16, msg: &str) {
+    let (status, v, _) = got;
+    assert_eq!(*status, code, "{v}");
+    assert_eq!(
+        (v["success"].as_bool(), v["code"].as_u64()),
+        (Some(false), Some(code as u64)),
+        "{v}"
+    );
+    assert!(
+        v["msg"].as_str().unwrap().contains(msg),
+        "{v} should say {msg:?}"
+    );
+}
+
+#[tokio::test]
+async fn uploads_are_rate_limited_per_account() {
+    let srv = TestServer::start_with(|s| s.limits.uploads_per_10s = 2).await;
+    let png = samples::ASTRONAUT_MASK_PNG;
+    for _ in 0..2 {
+        assert_eq!(b64_upload(&srv, &srv.api.key, png).await.0, 200);
+    }
+    let refused = b64_upload(&srv, &srv.api.key, png).await;
+    assert_refused(&refused, 429, "at most 2 every 10 seconds");
+    let wait: u64 = refused.2.expect("Retry-After").parse().unwrap();
+    assert!((1..=10).contains(&wait), "{wait}");
+    // Other accounts have their own allowance.
+    let other = srv.account("other", 0, Default::default()).await;
+    assert_eq!(b64_upload(&srv, &other.key, png).await.0, 200);
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn an_account_s_stored_uploads_stay_within_its_quota() {
+    let png = samples::ASTRONAUT_MASK_PNG;
+    let size = png.len() as u64;
+    let srv = TestServer::start_with(|s| {
+        s.fetch.max_image_bytes = size;
+        s.limits.upload_quota_bytes = 2 * size + size / 2;
+        s.retention.uploads_hours = 3.0 / 3600.0;
+    })
+    .await;
+    assert_eq!(b64_upload(&srv, &srv.api.key, png).await.0, 200);
+    assert_eq!(b64_upload(&srv, &srv.api.key, png).await.0, 200);
+    let third = b64_upload(&srv, &srv.api.key, png).await;
+    assert_refused(
+        &third,
+        413,
+        &format!("quota of {} bytes", 2 * size + size / 2),
+    );
+    // The stream form is refused the same way.
+    let form = reqwest::multipart::Form::new()
+        .part("file", file_part(png, "m.png", "image/png"))
+        .text("uploadPath", "q");
+    let (status, v) = multipart(&srv, &srv.api.key, form).await;
+    assert_eq!((status, v["code"].as_u64()), (413, Some(413)), "{v}");
+    // Another account has its own quota.
+    let other = srv.account("other", 0, Default::default()).await;
+    assert_eq!(b64_upload(&srv, &other.key, png).await.0, 200);
+    // Expired uploads free their room (before the sweeper deletes them).
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let (status, v, _) = b64_upload(&srv, &srv.api.key, png).await;
+        if status == 200 {
+            break;
+        }
+        assert_eq!(status, 413, "{v}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the quota never freed"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn uploads_in_flight_are_capped_per_account_and_in_all() {
+    let srv = TestServer::start_with(|s| {
+        s.limits.uploads_in_flight_per_account = 1;
+        s.limits.uploads_in_flight = 2;
+    })
+    .await;
+    let img = ImageServer::start().await;
+    let other = srv.account("other", 0, Default::default()).await;
+    let third = srv.account("third", 0, Default::default()).await;
+    let slow = |key: String| {
+        let (http, base, url) = (
+            srv.api.http.clone(),
+            srv.api.base.clone(),
+            img.url("slow/1500"),
+        );
+        tokio::spawn(async move {
+            http.post(format!("{base}/api/file-url-upload"))
+                .bearer_auth(key)
+                .json(&json!({"fileUrl": url, "uploadPath": "slow"}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        })
+    };
+    let wait_hits = |n: usize| {
+        let img = img.clone();
+        async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while img.hits() < n {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "no request reached the image server"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    let png = samples::ASTRONAUT_MASK_PNG;
+    let first = slow(srv.api.key.clone());
+    wait_hits(1).await;
+    assert_refused(
+        &b64_upload(&srv, &srv.api.key, png).await,
+        429,
+        "already has 1 uploads in progress",
+    );
+    let second = slow(other.key.clone());
+    wait_hits(2).await;
+    let full = b64_upload(&srv, &third.key, png).await;
+    assert_refused(
+        &full,
+        429,
+        "the server is handling its most uploads at once (2)",
+    );
+    assert_eq!(full.2.as_deref(), Some("1"));
+    assert_eq!((first.await.unwrap(), second.await.unwrap()), (200, 200));
+    // The slots came back.
+    assert_eq!(b64_upload(&srv, &srv.api.key, png).await.0, 200);
+    assert_eq!(b64_upload(&srv, &third.key, png).await.0, 200);
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn truncated_uploads_are_refused_naming_the_field() {
+    let srv = TestServer::start().await;
+    let jpeg = samples::jpeg(64, 48);
+    let cut = &jpeg[..jpeg.len() * 2 / 3];
+    let form = reqwest::multipart::Form::new()
+        .part("file", file_part(cut, "cut.jpg", "image/jpeg"))
+        .text("uploadPath", "p");
+    let (status, v) = multipart(&srv, &srv.api.key, form).await;
+    assert_eq!(status, 400, "{v}");
+    assert_eq!(
+        v["msg"],
+        "file is truncated: the JPEG data ends before its end-of-image marker"
+    );
+    let png = samples::ASTRONAUT_MASK_PNG;
+    let (status, v, _) = b64_upload(&srv, &srv.api.key, &png[..png.len() - 20]).await;
+    assert_eq!(status, 400, "{v}");
+    assert_eq!(
+        v["msg"],
+        "base64Data is truncated: the PNG data ends before its IEND chunk"
+    );
+    let webp = samples::COFFEE_WEBP;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(&webp[..webp.len() / 2]);
+    let (status, v) = json_upload(
+        &srv,
+        "/api/file-base64-upload",
+        json!({"base64Data": format!("data:image/webp;base64,{b64}"), "uploadPath": "p"}),
+    )
+    .await;
+    assert_eq!(status, 400, "{v}");
+    assert!(
+        v["msg"]
+            .as_str()
+            .unwrap()
+            .starts_with("base64Data is truncated"),
+        "{v}"
+    );
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn base64_with_line_breaks_or_without_padding_round_trips() {
+    let srv = TestServer::start().await;
+    let png = samples::ASTRONAUT_MASK_PNG;
+    let padded = base64::engine::general_purpose::STANDARD.encode(png);
+    let wrapped = padded
+        .as_bytes()
+        .chunks(76)
+        .map(|c| std::str::from_utf8(c).unwrap())
+        .collect::<Vec<_>>()
+        .join("\r\n");
+    let unpadded = base64::engine::general_purpose::STANDARD_NO_PAD.encode(png);
+    for data in [format!("data:image/png;base64,{wrapped}"), unpadded] {
+        let (status, v) = json_upload(
+            &srv,
+            "/api/file-base64-upload",
+            json!({"base64Data": data, "uploadPath": "p"}),
+        )
+        .await;
+        assert_eq!(status, 200, "{v}");
+        let url = check_shape(&v, png.len(), "image/png");
+        assert_eq!(download(&url).await.1, png);
+    }
+    srv.stop().await;
+}

@@ -33,6 +33,10 @@
 //! no style images none of them runs, and every pixel outside the placed matte is the
 //! resized base, bit for bit.
 //!
+//! The engine keeps [`crate::default_working_size`]: it never reads more of the base
+//! than covers the output, more of the reference than the output's longest side, or
+//! more of a style image than a thumbnail, so the worker hands it inputs of that size.
+//!
 //! **The prompt, the negative prompt and `expand_prompt` do not change any pixel**:
 //! the preview engine has no text model. The seed only moves the character, so images
 //! of a job with no character (all-black mask) are identical. Empty (0×0) images do not

@@ -647,3 +647,82 @@ fn delay_is_applied_per_image() {
     assert_eq!(images.len(), 2);
     assert!(started.elapsed() >= Duration::from_millis(120));
 }
+
+/// Reduces `img` as the worker does for `size` (Lanczos3, aspect kept, never enlarged).
+fn reduced(img: &RgbImage, size: crate::WorkingSize) -> RgbImage {
+    let (w, h) = img.dimensions();
+    let (bw, bh, cover) = match size {
+        crate::WorkingSize::Full => return img.clone(),
+        crate::WorkingSize::Cover(bw, bh) => (bw, bh, true),
+        crate::WorkingSize::Fit(bw, bh) => (bw, bh, false),
+    };
+    let (sx, sy) = (bw as f64 / w as f64, bh as f64 / h as f64);
+    let s = if cover { sx.max(sy) } else { sx.min(sy) };
+    if s >= 1.0 {
+        return img.clone();
+    }
+    let dst = (
+        ((w as f64 * s).round() as u32).max(1),
+        ((h as f64 * s).round() as u32).max(1),
+    );
+    let raw = resize::stretch_rgba(
+        &img.pixels()
+            .flat_map(|p| [p[0], p[1], p[2], 255])
+            .collect::<Vec<_>>(),
+        (w, h),
+        dst,
+        resize::algorithm(RenderingSpeed::Quality),
+    );
+    RgbImage::from_raw(
+        dst.0,
+        dst.1,
+        raw.chunks_exact(4)
+            .flat_map(|p| [p[0], p[1], p[2]])
+            .collect(),
+    )
+    .unwrap()
+}
+
+#[test]
+fn inputs_reduced_to_the_working_sizes_render_almost_the_same_image() {
+    // Large inputs (the samples blown up 4×), rendered as given and reduced to the
+    // working sizes: the worker's reduction must not visibly change the result.
+    let up = |img: RgbImage| {
+        let (w, h) = img.dimensions();
+        resize::cover_resize(&img, (w * 4, h * 4), RenderingSpeed::Quality)
+    };
+    let mut full = job(up(sample("coffee.png")), up(sample("astronaut.png")), None);
+    full.size = ImageSize::SquareHd;
+    full.style_images = vec![up(sample("chelsea.png"))];
+    full.strength = Strength::new(0.6).unwrap();
+    let out = full.size.dimensions();
+    let engine = PreviewEngine::default();
+    let mut small = full.clone();
+    small.base = reduced(&full.base, engine.working_size(crate::InputRole::Base, out));
+    small.character = reduced(
+        &full.character,
+        engine.working_size(crate::InputRole::Character, out),
+    );
+    small.style_images = vec![reduced(
+        &full.style_images[0],
+        engine.working_size(crate::InputRole::Style, out),
+    )];
+    assert!(small.base.width() * small.base.height() * 2 < full.base.width() * full.base.height());
+    assert_eq!(
+        small.style_images[0]
+            .width()
+            .max(small.style_images[0].height()),
+        256
+    );
+
+    let (a, b) = (render(&full, 0), render(&small, 0));
+    assert_eq!(a.dimensions(), b.dimensions());
+    let diff: u64 = a
+        .as_raw()
+        .iter()
+        .zip(b.as_raw())
+        .map(|(x, y)| x.abs_diff(*y) as u64)
+        .sum();
+    let mean = diff as f64 / a.as_raw().len() as f64;
+    assert!(mean < 2.0, "mean difference {mean:.2} of 255");
+}

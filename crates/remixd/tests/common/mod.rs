@@ -30,6 +30,7 @@ pub fn test_settings(dir: &std::path::Path) -> Settings {
     s.fetch.timeout_s = 5;
     s.limits.create_per_10s = 1000;
     s.limits.query_per_s = 1000;
+    s.limits.uploads_per_10s = 1000;
     s.worker.poll_ms = 50;
     s.worker.lease_ms = 2000;
     s.worker.retry_delay_ms = 100;
