@@ -46,7 +46,7 @@ use crate::AppState;
 pub struct UploadError {
     code: u16,
     msg: String,
-    /// Seconds for `Retry-After` (429 only).
+    /// Seconds for `Retry-After` (429, and 500 while storage is full).
     retry_after: Option<u64>,
 }
 
@@ -74,8 +74,22 @@ fn too_many(msg: impl Into<String>, retry_after: u64) -> UploadError {
     }
 }
 
+/// The answer while storage is full: nothing was stored and the client may retry. The
+/// upload envelope's codes are 400, 401, 413 and 500, so it is a 500 with the reason
+/// and a `Retry-After`.
+fn storage_full() -> UploadError {
+    UploadError {
+        code: 500,
+        msg: crate::error::STORAGE_FULL.into(),
+        retry_after: Some(30),
+    }
+}
+
 impl From<ApiError> for UploadError {
     fn from(e: ApiError) -> Self {
+        if let ApiError::Unavailable(_) = e {
+            return storage_full();
+        }
         let code = match e.code() {
             401 => 401,
             500 => 500,
@@ -93,6 +107,10 @@ impl From<ApiError> for UploadError {
 
 impl From<remixd_store::StoreError> for UploadError {
     fn from(e: remixd_store::StoreError) -> Self {
+        if let remixd_store::StoreError::Full(detail) = &e {
+            tracing::warn!(error = %detail, "upload: storage full");
+            return storage_full();
+        }
         tracing::error!(error = %e, "upload: store error");
         UploadError {
             code: 500,
@@ -224,6 +242,7 @@ fn file_name(given: Option<&str>, ext: &str) -> String {
 async fn admit(state: &AppState, headers: &HeaderMap) -> Result<(Caller, UploadSlot), UploadError> {
     state.check_enabled("upload")?;
     let caller = authenticate(&*state.store, headers).await?;
+    state.check_space()?;
     if let Err(wait) = state.limits.check_upload(&caller.account_id) {
         return Err(too_many(
             format!(
@@ -344,6 +363,10 @@ async fn store_upload(
     }
     let size = bytes.len();
     state.blobs.put(&key, bytes).await.map_err(|e| {
+        if e.is_full() {
+            tracing::warn!(error = %e, "upload: storage full");
+            return storage_full();
+        }
         tracing::error!(error = %e, "upload: storage error");
         UploadError {
             code: 500,

@@ -117,6 +117,9 @@ fn decode_error(e: impl std::fmt::Display) -> FetchError {
 pub fn probe(bytes: &[u8], max_pixels: u64) -> Result<(ImageKind, u32, u32), FetchError> {
     let kind = sniff(bytes).ok_or(FetchError::NotImage)?;
     check_complete(kind, bytes)?;
+    if kind == ImageKind::Webp {
+        webp_frames_fit(bytes).map_err(FetchError::Decode)?;
+    }
     let mut decoder = ImageReader::with_format(Cursor::new(bytes), kind.format())
         .into_decoder()
         .map_err(decode_error)?;
@@ -253,6 +256,62 @@ fn webp_complete(b: &[u8]) -> Result<(), &'static str> {
         }
     }
     Ok(())
+}
+
+/// Refuses a WebP whose VP8/VP8L frame is larger than its canvas (the `VP8X` size,
+/// which is what [`probe`] reports and checks against the pixel limit).
+///
+/// Written by hand because `image-webp` sizes its frame buffers from the frame header
+/// and compares them with the canvas only after decoding: a 543-byte file with a 15×136
+/// canvas and an 11535×12328 frame made it allocate 136 MiB (found by the `image` fuzz
+/// target; up to 384 MiB for the largest frame header). Reads chunk headers only; the
+/// file is complete ([`check_complete`] ran first).
+fn webp_frames_fit(b: &[u8]) -> Result<(), String> {
+    let u24 = |p: &[u8]| u32::from_le_bytes([p[0], p[1], p[2], 0]);
+    let mut canvas: Option<(u32, u32)> = None;
+    let mut frames: Vec<(u32, u32)> = Vec::new();
+    // Top-level chunks, and the chunks inside animation frames (`ANMF`).
+    fn walk(b: &[u8], mut i: usize, end: usize, out: &mut Vec<(String, usize, usize)>) {
+        while i + 8 <= end {
+            let len = u32::from_le_bytes([b[i + 4], b[i + 5], b[i + 6], b[i + 7]]) as usize;
+            let body = (i + 8).min(end)..(i + 8 + len).min(end);
+            let tag = String::from_utf8_lossy(&b[i..i + 4]).into_owned();
+            if tag == "ANMF" && body.len() >= 16 {
+                walk(b, body.start + 16, body.end, out);
+            }
+            out.push((tag, body.start, body.end));
+            i += 8 + len + (len & 1);
+        }
+    }
+    let riff_end = (8 + u32::from_le_bytes([b[4], b[5], b[6], b[7]]) as usize).min(b.len());
+    let mut chunks = Vec::new();
+    walk(b, 12, riff_end, &mut chunks);
+    for (tag, start, end) in chunks {
+        let p = &b[start..end];
+        match tag.as_str() {
+            "VP8X" if p.len() >= 10 => canvas = Some((u24(&p[4..]) + 1, u24(&p[7..]) + 1)),
+            // A key frame: 3-byte tag, start code 9d 01 2a, then 14-bit width and height.
+            "VP8 " if p.len() >= 10 && p[3..6] == [0x9d, 0x01, 0x2a] => frames.push((
+                u32::from(u16::from_le_bytes([p[6], p[7]]) & 0x3fff),
+                u32::from(u16::from_le_bytes([p[8], p[9]]) & 0x3fff),
+            )),
+            // Signature 0x2f, then 14 bits of width − 1 and 14 of height − 1.
+            "VP8L" if p.len() >= 5 && p[0] == 0x2f => {
+                let v = u32::from_le_bytes([p[1], p[2], p[3], p[4]]);
+                frames.push(((v & 0x3fff) + 1, ((v >> 14) & 0x3fff) + 1));
+            }
+            _ => {}
+        }
+    }
+    let Some((cw, ch)) = canvas else {
+        return Ok(()); // a simple WebP: the frame is the canvas
+    };
+    match frames.into_iter().find(|&(w, h)| w > cw || h > ch) {
+        Some((w, h)) => Err(format!(
+            "its {w}x{h} frame does not fit its {cw}x{ch} canvas"
+        )),
+        None => Ok(()),
+    }
 }
 
 /// How far a decoded image may be reduced right after decoding. Never enlarges; the

@@ -9,6 +9,7 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use base64::Engine as _;
 use common::TestServer;
 use remixd_testkit::tmpfs::Tmpfs;
 use remixd_testkit::ImageServer;
@@ -126,6 +127,28 @@ async fn a_full_disk_refuses_new_work_keeps_accepted_work_and_recovers() {
             .parse::<u64>()
             .unwrap()
             >= 1
+    );
+    let up = srv
+        .api
+        .http
+        .post(format!("{}/api/file-base64-upload", srv.api.base))
+        .bearer_auth(&srv.api.key)
+        .json(
+            &json!({"base64Data": base64::engine::general_purpose::STANDARD
+            .encode(remixd_testkit::samples::png(8, 8, [1, 2, 3])), "uploadPath": "x"}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert!(up.headers().contains_key("retry-after"));
+    let up: Value = up.json().await.unwrap();
+    assert_eq!(
+        (up["success"].as_bool(), up["code"].as_i64()),
+        (Some(false), Some(500))
+    );
+    assert!(
+        up["msg"].as_str().unwrap().contains("storage is full"),
+        "{up}"
     );
     let (status, text) = readyz(&srv.api.base).await;
     assert_eq!(status, 503, "{text}");

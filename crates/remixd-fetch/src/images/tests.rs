@@ -464,3 +464,54 @@ fn the_task_budget_counts_every_image_and_names_none_itself() {
         "input.image_urls[3] brings the task's images to 1025 pixels, above the limit of 1000 pixels for all images of a task together"
     );
 }
+
+/// An extended WebP (`VP8X` canvas) around a lossless frame of `frame` pixels.
+fn extended_webp(canvas: (u32, u32), frame: (u32, u32)) -> Vec<u8> {
+    let img = DynamicImage::ImageRgb8(RgbImage::from_pixel(frame.0, frame.1, Rgb([9, 99, 199])));
+    let simple = encode(&img, ImageFormat::WebP);
+    // The simple file's only chunk is its frame (`VP8L`); keep it whole.
+    let frame_chunk = &simple[12..];
+    let mut vp8x = b"VP8X".to_vec();
+    vp8x.extend_from_slice(&10u32.to_le_bytes());
+    vp8x.extend_from_slice(&[0, 0, 0, 0]);
+    vp8x.extend_from_slice(&(canvas.0 - 1).to_le_bytes()[..3]);
+    vp8x.extend_from_slice(&(canvas.1 - 1).to_le_bytes()[..3]);
+    let mut out = b"RIFF".to_vec();
+    out.extend_from_slice(&((4 + vp8x.len() + frame_chunk.len()) as u32).to_le_bytes());
+    out.extend_from_slice(b"WEBP");
+    out.extend_from_slice(&vp8x);
+    out.extend_from_slice(frame_chunk);
+    out
+}
+
+/// Found by the `image` fuzz target: image-webp sizes its buffers from the frame header
+/// before it compares the frame with the canvas, so a tiny canvas (inside the pixel
+/// limit) with a huge frame made a 543-byte file allocate 136 MiB. Such a file is
+/// refused from its chunk headers; a frame that fits its canvas still decodes.
+#[test]
+fn a_webp_frame_larger_than_its_canvas_is_refused_before_decoding() {
+    let found =
+        include_bytes!("../../../../fuzz/regressions/image/webp-vp8-frame-larger-than-canvas.webp");
+    match probe(found, 40_000_000) {
+        Err(FetchError::Decode(m)) => assert!(m.contains("does not fit its 15x136 canvas"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(decode_rgb(found, 40_000_000).is_err());
+
+    let fits = extended_webp((40, 30), (40, 30));
+    assert_eq!(probe(&fits, 40_000_000).unwrap(), (ImageKind::Webp, 40, 30));
+    assert_eq!(
+        decode_rgb(&fits, 40_000_000).unwrap().dimensions(),
+        (40, 30)
+    );
+    let larger = extended_webp((40, 30), (400, 30));
+    match probe(&larger, 40_000_000) {
+        Err(FetchError::Decode(m)) => {
+            assert!(
+                m.contains("400x30 frame does not fit its 40x30 canvas"),
+                "{m}"
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+}
