@@ -2,6 +2,8 @@
 //! accepted task still ends in `success` or `fail` with credits consistent. SIGTERM
 //! drains: the process exits cleanly and nothing is left behind.
 
+mod common;
+
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -84,12 +86,7 @@ async fn sigkill_at_any_moment_loses_no_task_and_no_credit() {
 
     let mut child = spawn(&config);
     let probe = Api::new(&base, "");
-    probe.wait_ready(Duration::from_secs(30)).await;
-    let key = std::fs::read_to_string(dir.path().join("default.key"))
-        .unwrap()
-        .trim()
-        .to_string();
-    let api = Api::new(&base, &key);
+    let api = common::ready_client(&base, dir.path()).await;
     // Enough credits that the bursts are never refused for money; the operator's CLI
     // writes to the same database while the server runs.
     let out = Command::new(env!("CARGO_BIN_EXE_remixd"))
@@ -234,14 +231,7 @@ async fn sigterm_drains_and_exits_cleanly() {
     let img = ImageServer::start().await;
     let base = format!("http://127.0.0.1:{port}");
     let mut child = spawn(&config);
-    Api::new(&base, "")
-        .wait_ready(Duration::from_secs(30))
-        .await;
-    let key = std::fs::read_to_string(dir.path().join("default.key"))
-        .unwrap()
-        .trim()
-        .to_string();
-    let api = Api::new(&base, &key);
+    let api = common::ready_client(&base, dir.path()).await;
     let body = img.sample_task(json!({"num_images": 3}));
     let mut ids = Vec::new();
     for _ in 0..4 {

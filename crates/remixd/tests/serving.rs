@@ -610,13 +610,7 @@ async fn a_flood_of_unfinished_connections_cannot_starve_healthz_or_createtask()
     let log = dir.path().join("stderr.log");
     let mut child = spawn(&config, &log, Some(NOFILE));
     let base = format!("http://127.0.0.1:{port}");
-    Api::new(&base, "")
-        .wait_ready(Duration::from_secs(30))
-        .await;
-    let key = std::fs::read_to_string(dir.path().join("default.key"))
-        .unwrap()
-        .trim()
-        .to_string();
+    let key = common::ready_client(&base, dir.path()).await.key;
     let addr = format!("127.0.0.1:{port}");
     let logged = read_log(&log);
     assert!(
@@ -729,14 +723,7 @@ async fn sigterm_ends_open_streams_and_the_drain_has_a_deadline() {
     let log = dir.path().join("stderr.log");
     let mut child = spawn(&config, &log, None);
     let base = format!("http://127.0.0.1:{port}");
-    Api::new(&base, "")
-        .wait_ready(Duration::from_secs(30))
-        .await;
-    let key = std::fs::read_to_string(dir.path().join("default.key"))
-        .unwrap()
-        .trim()
-        .to_string();
-    let api = Api::new(&base, &key);
+    let api = common::ready_client(&base, dir.path()).await;
     let img = ImageServer::start().await;
     let id = api.create_ok(&img.sample_task(json!({}))).await;
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -757,7 +744,7 @@ async fn sigterm_ends_open_streams_and_the_drain_has_a_deadline() {
     // is reading the body (hyper says `100 Continue` then), which never completes.
     let mut held = connect(
         &addr_of(&api),
-        &create_head(&key, "Content-Length: 5000\r\nExpect: 100-continue\r\n"),
+        &create_head(&api.key, "Content-Length: 5000\r\nExpect: 100-continue\r\n"),
     )
     .await;
     let mut buf = [0u8; 64];

@@ -112,3 +112,15 @@ impl TestServer {
         self.handle.await.expect("join").expect("server result");
     }
 }
+
+/// The default account's client of a remixd process started elsewhere (the real binary,
+/// for kill and limit tests) on `base` with `data_dir`: waits until `/readyz` answers,
+/// then reads the key the first start wrote.
+pub async fn ready_client(base: &str, data_dir: &std::path::Path) -> Api {
+    Api::new(base, "").wait_ready(Duration::from_secs(30)).await;
+    let key = std::fs::read_to_string(data_dir.join("default.key"))
+        .expect("default.key")
+        .trim()
+        .to_string();
+    Api::new(base, &key)
+}
