@@ -179,11 +179,21 @@ pub async fn create_task(
     }
 }
 
-fn query_param(raw: &Option<String>, name: &str) -> Option<String> {
-    let q = raw.as_deref()?;
-    url::form_urlencoded::parse(q.as_bytes())
-        .find(|(k, _)| k == name)
-        .map(|(_, v)| v.into_owned())
+/// One query parameter's value. A parameter given more than once is refused
+/// rather than read as its first (or last) value: the two readings differ, and a
+/// client sending both has a bug it should hear about.
+fn query_param(raw: &Option<String>, name: &str) -> AppResult<Option<String>> {
+    let Some(q) = raw.as_deref() else {
+        return Ok(None);
+    };
+    let mut values = url::form_urlencoded::parse(q.as_bytes()).filter(|(k, _)| k == name);
+    let first = values.next().map(|(_, v)| v.into_owned());
+    if values.next().is_some() {
+        return Err(ApiError::validation(format!(
+            "{name} is given more than once"
+        )));
+    }
+    Ok(first)
 }
 
 /// One task of the caller's account.
@@ -249,7 +259,7 @@ pub async fn list(
     RawQuery(q): RawQuery,
 ) -> AppResult<Json<Envelope<TaskPage>>> {
     let caller = querying_caller(&state, &headers, "list").await?;
-    let limit = match query_param(&q, "limit").filter(|v| !v.is_empty()) {
+    let limit = match query_param(&q, "limit")? {
         None => 20,
         Some(v) => v
             .parse::<i64>()
@@ -258,7 +268,7 @@ pub async fn list(
             .ok_or_else(|| ApiError::validation("limit must be an integer from 1 to 100"))?,
     };
     let signer = state.link_signer().await?;
-    let before = match query_param(&q, "cursor").filter(|c| !c.is_empty()) {
+    let before = match query_param(&q, "cursor")?.filter(|c| !c.is_empty()) {
         None => None,
         Some(c) => {
             let bad = || {
@@ -452,9 +462,11 @@ pub async fn file(
     }
     // A signed link (download-url) must carry a valid, unexpired signature; a link
     // whose signature was removed is a plain URL, which private files refuse.
-    let signed = match query_param(&q, "signature") {
+    let signed = match query_param(&q, "signature").map_err(|_| not_found())? {
         Some(sig) => {
-            let expires = query_param(&q, "expires").unwrap_or_default();
+            let expires = query_param(&q, "expires")
+                .map_err(|_| not_found())?
+                .unwrap_or_default();
             if !crate::uploads::link_valid(&state, &key, &expires, &sig).await? {
                 return Err(not_found());
             }
@@ -529,7 +541,7 @@ async fn caller_task(
     caller: &crate::auth::Caller,
     q: &Option<String>,
 ) -> AppResult<remixd_store::TaskRecord> {
-    let task_id = query_param(q, "taskId")
+    let task_id = query_param(q, "taskId")?
         .filter(|s| !s.is_empty())
         .ok_or_else(|| ApiError::validation("taskId is required"))?;
     let not_found = || ApiError::NotFound("Task not found".into());

@@ -247,6 +247,11 @@ async fn framework_failures_answer_in_the_envelope() {
         .get("/api/v1/jobs/recordInfo?taskId=../../etc")
         .await;
     assert_eq!(a.code(), 404);
+    let a = srv
+        .api
+        .get("/api/v1/jobs/recordInfo?taskId=0123456789abcdef0123456789abcdef&taskId=x")
+        .await;
+    assert_eq!((a.code(), a.msg()), (422, "taskId is given more than once"));
 
     let h = srv.api.get("/healthz").await;
     assert_eq!(h.status, 200);
