@@ -1,6 +1,7 @@
 //! The upload parsers of `remixd_api::uploads` (through its `fuzzing` module):
 //! `uploadPath`, the stored file name, `base64Data`, and the storage key of a URL of
-//! this server. The input is four fields separated by NUL bytes: uploadPath, fileName,
+//! this server, by any spelling (`remixd_store::blobs::classify_url`, which
+//! `download-url`, the worker's own-file rule and private files all use). The input is four fields separated by NUL bytes: uploadPath, fileName,
 //! base64Data and a URL. Nothing may panic; an accepted path and name must make a valid
 //! storage key (the store refuses anything else), and decoded data must round-trip.
 
@@ -8,8 +9,9 @@
 
 use base64::Engine as _;
 use libfuzzer_sys::fuzz_target;
-use remixd_api::uploads::{fuzzing, own_file_key};
-use remixd_store::blobs::valid_key;
+use remixd_api::uploads::fuzzing;
+use remixd_domain::ServerOrigin;
+use remixd_store::blobs::{classify_url, valid_key, FileUrl};
 
 const PUBLIC_URL: &str = "http://127.0.0.1:8080/";
 
@@ -56,12 +58,13 @@ fuzz_target!(|bytes: &[u8]| {
         assert_eq!(fuzzing::base64_data(&url).as_ref(), Ok(&decoded));
     }
 
-    if let Some(key) = own_file_key(PUBLIC_URL, url) {
+    let origin = ServerOrigin::new(PUBLIC_URL, None).expect("a valid public URL");
+    if let FileUrl::File(key) = classify_url(&origin, url) {
+        // Whatever the spelling, only a valid key under a public prefix comes out.
         assert!(valid_key(&key), "{url:?} gave {key:?}");
         assert!(
             key.starts_with("uploads/") || key.starts_with("results/"),
-            "{key:?}"
+            "{url:?} gave {key:?}"
         );
-        assert!(url.starts_with("http://127.0.0.1:8080/files/"), "{url:?}");
     }
 });
