@@ -11,19 +11,13 @@
 //! A signature counts only in its canonical form (64 lower-case hex digits), compared in
 //! constant time: an upper-cased or missing signature is not a signed link.
 
-use hmac::{Hmac, Mac};
-use rand::RngCore;
-use remixd_domain::{Millis, ServerOrigin, TaskId};
+use remixd_domain::{ServerOrigin, TaskId};
 use remixd_store::blobs::{classify_url, result_task, FileUrl};
-use remixd_store::{Store, StoreError, TaskRecord};
+use remixd_store::{StoreError, TaskRecord};
 use serde_json::Value;
-use sha2::Sha256;
-use subtle::ConstantTimeEq;
 
 use crate::wire::RecordInfo;
 use crate::AppState;
-
-type HmacSha256 = Hmac<Sha256>;
 
 /// How long a link from `download-url`, recordInfo, cancel or the stream lives.
 pub const DOWNLOAD_LINK_MS: i64 = 20 * 60 * 1000;
@@ -32,81 +26,7 @@ pub const DOWNLOAD_LINK_MS: i64 = 20 * 60 * 1000;
 /// retries run for about 16 hours, so its links must outlive them.
 pub const CALLBACK_LINK_MS: i64 = 24 * 3_600_000;
 
-/// Signs and checks links with the server's link key.
-#[derive(Clone)]
-pub struct LinkSigner {
-    key: Vec<u8>,
-}
-
-impl std::fmt::Debug for LinkSigner {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("LinkSigner(<redacted>)")
-    }
-}
-
-impl LinkSigner {
-    /// The signer with the database's link key, created on first use.
-    pub async fn load(store: &dyn Store) -> Result<Self, StoreError> {
-        let v = store
-            .server_value("download_link_key", &|| {
-                let mut k = [0u8; 32];
-                rand::thread_rng().fill_bytes(&mut k);
-                hex::encode(k)
-            })
-            .await?;
-        let key =
-            hex::decode(&v).map_err(|e| StoreError::Corrupt(format!("download_link_key: {e}")))?;
-        Ok(Self { key })
-    }
-
-    #[cfg(test)]
-    fn with_key(key: &[u8]) -> Self {
-        Self { key: key.to_vec() }
-    }
-
-    /// The canonical signature: lower-case hex.
-    pub fn signature(&self, file_key: &str, expires: i64) -> String {
-        self.tag(&format!("{file_key}\n{expires}"))
-    }
-
-    /// The HMAC of `message`, lower-case hex. Messages of different uses must not be
-    /// confusable: a file key holds no newline, so "key\nexpires" has exactly one.
-    pub fn tag(&self, message: &str) -> String {
-        let mut m = HmacSha256::new_from_slice(&self.key).expect("any key length");
-        m.update(message.as_bytes());
-        hex::encode(m.finalize().into_bytes())
-    }
-
-    /// Whether `tag` is the canonical tag of `message`, in constant time.
-    pub fn tag_matches(&self, message: &str, tag: &str) -> bool {
-        let want = self.tag(message);
-        want.len() == tag.len() && bool::from(want.as_bytes().ct_eq(tag.as_bytes()))
-    }
-
-    /// Whether `expires`/`signature` (query values) sign `file_key` and are unexpired at
-    /// `now`. Only the exact canonical signature counts, compared in constant time.
-    pub fn verify(&self, file_key: &str, expires: &str, signature: &str, now: Millis) -> bool {
-        // The canonical decimal form too, so `expires` cannot be respelt either.
-        let Some(exp) = expires
-            .parse::<i64>()
-            .ok()
-            .filter(|e| e.to_string() == expires)
-        else {
-            return false;
-        };
-        if exp < now {
-            return false;
-        }
-        self.tag_matches(&format!("{file_key}\n{exp}"), signature)
-    }
-
-    /// `<base>/files/<key>?expires=…&signature=…`.
-    pub fn link(&self, public_url: &str, file_key: &str, expires: i64) -> String {
-        let sig = self.signature(file_key, expires);
-        let base = public_url.trim_end_matches('/');
-        format!("{base}/files/{file_key}?expires={expires}&signature={sig}")
-    }
-}
+pub use remixd_store::links::LinkSigner;
 
 /// How answers show result URLs: as stored (plain), or signed (`storage.private_files`).
 #[derive(Debug, Clone)]
@@ -232,31 +152,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_the_canonical_signature_counts() {
-        let s = LinkSigner::with_key(b"k");
-        let sig = s.signature("results/t/k/0.png", 5000);
-        assert_eq!(sig.len(), 64);
-        assert!(sig
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)));
-        assert!(s.verify("results/t/k/0.png", "5000", &sig, 4000));
-        assert!(
-            !s.verify("results/t/k/0.png", "5000", &sig, 5001),
-            "expired"
-        );
-        assert!(!s.verify("results/t/k/0.png", "5000", &sig.to_uppercase(), 4000));
-        assert!(!s.verify("results/t/k/0.png", "5000", "", 4000));
-        assert!(!s.verify("results/t/k/0.png", "5000", &sig[..62], 4000));
-        assert!(!s.verify("results/t/k/0.png", "05000", &sig, 4000));
-        assert!(!s.verify("results/t/k/0.png", "+5000", &sig, 4000));
-        assert!(!s.verify("results/t/k/1.png", "5000", &sig, 4000));
-        assert!(!LinkSigner::with_key(b"other").verify("results/t/k/0.png", "5000", &sig, 4000));
-    }
-
-    #[test]
     fn result_json_is_signed_at_answer_time() {
         let origin = ServerOrigin::new("http://127.0.0.1:8080", None).unwrap();
-        let signer = LinkSigner::with_key(b"k");
+        let signer = LinkSigner::from_key(b"k");
         let stored = r#"{"resultUrls":["http://127.0.0.1:8080/files/results/t/k/0.png"],"seed":3,"images":[{"url":"http://127.0.0.1:8080/files/results/t/k/0.png","width":1}]}"#;
         let links = AnswerLinks::signed(signer.clone(), origin, "http://127.0.0.1:8080", 9000);
         let out: Value = serde_json::from_str(&links.result_json(stored)).unwrap();

@@ -369,7 +369,15 @@ pub async fn queue_claims_leases_and_reaper(s: &dyn Store) {
         .await
         .unwrap()
         .unwrap();
-    assert_eq!((g.id, g.attempts), (a.id, 1));
+    assert_eq!((g.id, g.attempts, g.upstream), (a.id, 1, None));
+    // An upstream handle is written only by the lease's owner, and survives the reaper
+    // so that the next claim resumes the provider's request.
+    assert!(!s.set_upstream(&a.id, "w2", "{\"x\":2}", 111).await.unwrap());
+    assert!(s.set_upstream(&a.id, "w1", "{\"x\":1}", 111).await.unwrap());
+    assert!(
+        !s.set_upstream(&b.id, "w2", "{}", 111).await.unwrap(),
+        "not generating"
+    );
     assert!(s.extend_lease(&a.id, "w1", 400, 200).await.unwrap());
     assert!(!s.extend_lease(&a.id, "w2", 400, 200).await.unwrap());
     let r = s.reap(350, 2).await.unwrap();
@@ -401,6 +409,11 @@ pub async fn queue_claims_leases_and_reaper(s: &dyn Store) {
         .unwrap()
         .unwrap();
     assert_eq!((g.id, g.attempts), (a.id, 2));
+    assert_eq!(g.upstream.as_deref(), Some("{\"x\":1}"));
+    assert!(
+        !s.set_upstream(&a.id, "w1", "{}", 501).await.unwrap(),
+        "the reaped owner writes no more"
+    );
     let before = s.balance(&acct).await.unwrap();
     let r = s.reap(601, 2).await.unwrap();
     assert_eq!(r.failed, vec![a.id]);

@@ -19,6 +19,7 @@
 pub mod blobs;
 #[cfg(any(test, feature = "contract-tests"))]
 pub mod contract;
+pub mod links;
 pub mod space;
 pub mod sqlite;
 
@@ -148,6 +149,8 @@ pub struct TaskRecord {
     pub create_time: Millis,
     pub update_time: Millis,
     pub complete_time: Option<Millis>,
+    /// An upstream engine's handle on the provider's request (see [`Store::set_upstream`]).
+    pub upstream: Option<String>,
 }
 
 /// A task to insert.
@@ -406,6 +409,17 @@ pub trait Store: Send + Sync + 'static {
         id: &TaskId,
         owner: &str,
         progress: u8,
+        now: Millis,
+    ) -> Result<bool>;
+    /// Records an upstream engine's handle on the provider's request for a generating
+    /// task (opaque to the store; never a secret), while `owner` holds its lease. A
+    /// later claim of the task finds it in [`TaskRecord::upstream`] and resumes the
+    /// request instead of submitting again. `false` when the lease is not `owner`'s.
+    async fn set_upstream(
+        &self,
+        id: &TaskId,
+        owner: &str,
+        upstream: &str,
         now: Millis,
     ) -> Result<bool>;
     /// `generating → success`, keeping the credits.

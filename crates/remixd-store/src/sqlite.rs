@@ -133,7 +133,7 @@ impl SqliteStore {
 
 const TASK_COLUMNS: &str = "id, account_id, key_id, model, state, param, input, callback_url, \
     result_json, fail_code, fail_msg, cost, credits_consumed, progress, fetch_attempts, attempts, \
-    lease_owner, lease_until, cost_time, create_time, update_time, complete_time";
+    lease_owner, lease_until, cost_time, create_time, update_time, complete_time, upstream";
 
 fn corrupt(what: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt(what.to_string())
@@ -175,6 +175,7 @@ fn task_from_row(row: &SqliteRow) -> Result<TaskRecord> {
         create_time: row.try_get("create_time")?,
         update_time: row.try_get("update_time")?,
         complete_time: row.try_get("complete_time")?,
+        upstream: row.try_get("upstream")?,
     })
 }
 
@@ -630,6 +631,25 @@ impl Store for SqliteStore {
         .bind(id.to_string())
         .bind(owner)
         .bind(progress as i64)
+        .execute(&self.write)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn set_upstream(
+        &self,
+        id: &TaskId,
+        owner: &str,
+        upstream: &str,
+        now: Millis,
+    ) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE tasks SET upstream = ?, update_time = ? WHERE id = ? AND lease_owner = ? AND state = 'generating'",
+        )
+        .bind(upstream)
+        .bind(now)
+        .bind(id.to_string())
+        .bind(owner)
         .execute(&self.write)
         .await?;
         Ok(done.rows_affected() == 1)
