@@ -34,6 +34,7 @@ fn job(seed: i64, n: i64, size: ImageSize) -> Job {
         strength: Strength::new(0.5).unwrap(),
         style: Style::Realistic,
         rendering_speed: RenderingSpeed::Turbo,
+        upstream: Default::default(),
     }
 }
 

@@ -46,6 +46,58 @@ pub struct Job {
     pub strength: Strength,
     pub style: Style,
     pub rendering_speed: RenderingSpeed,
+    /// What an engine that calls a provider needs besides pixels (empty for the others).
+    pub upstream: UpstreamJob,
+}
+
+/// The parts of a [`Job`] for engines that send the task to a provider
+/// ([`Engine::wants_sources`]): the inputs as fetched, a URL for each that the provider
+/// can read, and a way to record the provider's request so that a restarted worker
+/// resumes it instead of submitting the task twice.
+#[derive(Clone, Default)]
+pub struct UpstreamJob {
+    /// Every input, in the order base, character, mask, styles; empty unless the engine
+    /// [wants sources](Engine::wants_sources).
+    pub sources: Vec<Source>,
+    /// The handle an earlier attempt recorded through `checkpoint`, if any.
+    pub resume: Option<String>,
+    /// Records a handle on the provider's request (never a secret) before the engine
+    /// waits on it. `Err` means the task is no longer this worker's: stop.
+    pub checkpoint: Option<Checkpoint>,
+}
+
+/// Stores an engine's handle on a provider request; see [`UpstreamJob::checkpoint`].
+pub type Checkpoint = Arc<
+    dyn Fn(
+            String,
+        )
+            -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// One input image as the fetch stage stored it.
+#[derive(Clone)]
+pub struct Source {
+    pub role: InputRole,
+    /// The contract's field, for messages (`input.image_url`, …).
+    pub field: String,
+    /// A URL the provider can read: the client's own URL, or for a file of this server a
+    /// signed link on `server.public_url`.
+    pub url: String,
+    /// The bytes exactly as fetched and checked.
+    pub bytes: Bytes,
+}
+
+impl std::fmt::Debug for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The URL may be a signed link: a capability, kept out of logs.
+        f.debug_struct("Source")
+            .field("role", &self.role)
+            .field("field", &self.field)
+            .field("bytes", &self.bytes.len())
+            .finish_non_exhaustive()
+    }
 }
 
 impl std::fmt::Debug for Job {
@@ -62,6 +114,8 @@ impl std::fmt::Debug for Job {
             .field("strength", &self.strength)
             .field("style", &self.style)
             .field("rendering_speed", &self.rendering_speed)
+            .field("sources", &self.upstream.sources)
+            .field("resume", &self.upstream.resume.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -74,6 +128,20 @@ pub struct EngineImage {
     pub content_type: String,
     pub width: u32,
     pub height: u32,
+    /// Where a provider made the image: its name and what it reported.
+    pub provider: Option<ProviderImage>,
+}
+
+/// What a provider said about an image it made (recorded in the task's `resultJson`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProviderImage {
+    /// The engine that served the task (`fal`, `ideogram`).
+    pub provider: String,
+    /// The image's size as the provider made it, before remixd resized it.
+    pub width: u32,
+    pub height: u32,
+    /// The provider's seed for the image, when it reports one.
+    pub seed: Option<u64>,
 }
 
 impl EngineImage {
@@ -84,6 +152,7 @@ impl EngineImage {
             content_type: "image/png".to_owned(),
             width: img.width(),
             height: img.height(),
+            provider: None,
         }
     }
 
@@ -159,6 +228,9 @@ pub enum WorkingSize {
     Cover(u32, u32),
     /// The largest size that fits inside `w`×`h`.
     Fit(u32, u32),
+    /// The engine does not read the pixels (it sends the [`Source`] bytes elsewhere):
+    /// the image is not decoded, and the job's field holds an empty (0×0) image.
+    Unused,
 }
 
 /// The longest side of a style image in [`default_working_size`]: style images only
@@ -198,6 +270,18 @@ pub trait Engine: Send + Sync + 'static {
     /// input, says so here.
     fn working_size(&self, role: InputRole, output: (u32, u32)) -> WorkingSize {
         default_working_size(role, output)
+    }
+
+    /// Whether the job must carry its inputs as fetched ([`UpstreamJob::sources`]), with
+    /// URLs a provider can read. Engines that call a provider say yes.
+    fn wants_sources(&self) -> bool {
+        false
+    }
+
+    /// The task was cancelled by its owner after an earlier run recorded `handle`
+    /// through [`UpstreamJob::checkpoint`]: cancel the provider's request, best effort.
+    async fn abandon(&self, handle: &str) {
+        let _ = handle;
     }
 
     /// Generates `job.num_images` images, image `i` from seed `job.seed + i`.

@@ -9,7 +9,10 @@ use std::sync::Arc;
 use bytes::Bytes;
 use rand::RngCore;
 use remixd_domain::{now_millis, FailCode, Seed};
-use remixd_engine::{EngineError, EngineImage, InputRole, Job, Progress, WorkingSize};
+use remixd_engine::{
+    Checkpoint, EngineError, EngineImage, InputRole, Job, Progress, ProviderImage, Source,
+    UpstreamJob, WorkingSize,
+};
 use remixd_store::{Finish, Stage, StoreError, TaskRecord};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
@@ -17,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use crate::inputs::{roles, Role};
 use crate::lease::{lease_until, spawn_heartbeat};
 use crate::Ctx;
+use remixd_store::blobs::{classify_url, FileUrl};
 
 /// Claims one `queuing` task and runs it. `Ok(false)` when there was none.
 pub(crate) async fn run_one(ctx: &Arc<Ctx>) -> Result<bool, StoreError> {
@@ -106,8 +110,13 @@ pub(crate) async fn run_one(ctx: &Arc<Ctx>) -> Result<bool, StoreError> {
         },
         Err(EngineError::Cancelled) => {
             if lost.is_cancelled() {
-                // Cancelled (terminal: its inputs can go) or taken by the reaper (kept).
-                crate::inputs::drop_inputs_if_terminal(ctx, &id).await;
+                // Cancelled (terminal: its inputs can go, and a provider's request is
+                // cancelled too) or taken by the reaper (kept: the next claim resumes it).
+                if let Some(t) = crate::inputs::drop_inputs_if_terminal(ctx, &id).await {
+                    if let Some(handle) = t.upstream {
+                        ctx.engine.abandon(&handle).await;
+                    }
+                }
                 return Ok(true);
             }
             // Shutdown: give the task back without spending the attempt.
@@ -185,26 +194,71 @@ async fn retry_or_fail(
     Ok(())
 }
 
-/// The engine's working size for an input, as the decoder's bound.
-fn reduce_for(ctx: &Ctx, role: &Role, output: (u32, u32)) -> remixd_fetch::Reduce {
-    let role = match role {
+fn input_role(role: &Role) -> InputRole {
+    match role {
         Role::Base => InputRole::Base,
         Role::Character => InputRole::Character,
         Role::Mask => InputRole::Mask,
         Role::Style(_) => InputRole::Style,
-    };
-    match ctx.engine.working_size(role, output) {
+    }
+}
+
+/// The engine's working size for an input, as the decoder's bound; `None` when the
+/// engine does not read the pixels.
+fn reduce_for(ctx: &Ctx, role: &Role, output: (u32, u32)) -> Option<remixd_fetch::Reduce> {
+    Some(match ctx.engine.working_size(input_role(role), output) {
         WorkingSize::Full => remixd_fetch::Reduce::Keep,
         WorkingSize::Cover(w, h) => remixd_fetch::Reduce::Cover(w, h),
         WorkingSize::Fit(w, h) => remixd_fetch::Reduce::Fit(w, h),
+        WorkingSize::Unused => return None,
+    })
+}
+
+/// A URL a provider can read for an input given as `url`: the client's own URL, or
+/// for a file of this server a signed link on `server.public_url` that outlives the
+/// provider's work on the task (`worker.source_link_s`).
+async fn reachable_url(ctx: &Ctx, url: &str) -> Result<String, EngineError> {
+    let Some(origin) = ctx.origin.as_ref() else {
+        return Ok(url.to_string());
+    };
+    match classify_url(origin, url) {
+        FileUrl::File(key) => {
+            let signer = ctx
+                .signer
+                .get_or_try_init(|| remixd_store::links::LinkSigner::load(&*ctx.store))
+                .await
+                .map_err(|e| {
+                    EngineError::Unavailable(format!("could not sign input links: {e}"))
+                })?;
+            let expires = now_millis() + ctx.cfg.source_link.as_millis() as i64;
+            Ok(signer.link(&ctx.cfg.public_url, &key, expires))
+        }
+        // The fetch stage accepted the task, so the URL was usable then.
+        FileUrl::Foreign | FileUrl::NotAFile => Ok(url.to_string()),
     }
+}
+
+/// Records an upstream engine's handle on its provider request in the task's row,
+/// while this worker holds the lease.
+fn checkpoint(ctx: &Arc<Ctx>, task: &TaskRecord) -> Checkpoint {
+    let (store, owner, id) = (ctx.store.clone(), ctx.cfg.owner.clone(), task.id);
+    Arc::new(move |handle: String| {
+        let (store, owner) = (store.clone(), owner.clone());
+        Box::pin(async move {
+            match store.set_upstream(&id, &owner, &handle, now_millis()).await {
+                Ok(true) => Ok(()),
+                Ok(false) => Err("the task is no longer this worker's".to_string()),
+                Err(e) => Err(e.to_string()),
+            }
+        })
+    })
 }
 
 /// Reads the fetched inputs back and decodes them one at a time, each through the
 /// process's decode gate (off the async threads, at most `worker.decode_concurrency`
 /// at once in the process) and reduced to the engine's working size right away, so a
 /// task never holds more than one full-size canvas.
-async fn load_job(ctx: &Ctx, task: &TaskRecord) -> Result<Job, EngineError> {
+async fn load_job(ctx: &Arc<Ctx>, task: &TaskRecord) -> Result<Job, EngineError> {
     let task_id = task.id.to_string();
     let max_pixels = ctx.fetcher.config().max_pixels;
     let gate = ctx.fetcher.decoder();
@@ -213,11 +267,33 @@ async fn load_job(ctx: &Ctx, task: &TaskRecord) -> Result<Job, EngineError> {
     let mut character = None;
     let mut mask = None;
     let mut style_images = Vec::new();
-    for (role, _) in roles(&task.input) {
+    let mut upstream = UpstreamJob::default();
+    if ctx.engine.wants_sources() {
+        upstream.resume = task.upstream.clone();
+        upstream.checkpoint = Some(checkpoint(ctx, task));
+    }
+    for (role, url) in roles(&task.input) {
         let bytes = ctx.blobs.get(&role.key(&task_id)).await.map_err(|e| {
             EngineError::Internal(format!("input {} missing from storage: {e}", role.field()))
         })?;
-        let reduce = reduce_for(ctx, &role, output);
+        if ctx.engine.wants_sources() {
+            upstream.sources.push(Source {
+                role: input_role(&role),
+                field: role.field(),
+                url: reachable_url(ctx, url).await?,
+                bytes: bytes.clone(),
+            });
+        }
+        let Some(reduce) = reduce_for(ctx, &role, output) else {
+            // Not read by the engine: an empty image stands in (WorkingSize::Unused).
+            match role {
+                Role::Base => base = Some(image::RgbImage::new(0, 0)),
+                Role::Character => character = Some(image::RgbImage::new(0, 0)),
+                Role::Mask => mask = Some(image::GrayImage::new(0, 0)),
+                Role::Style(_) => style_images.push(image::RgbImage::new(0, 0)),
+            }
+            continue;
+        };
         let bad =
             |e: remixd_fetch::FetchError| EngineError::BadInput(format!("{} {e}", role.field()));
         match role {
@@ -247,6 +323,7 @@ async fn load_job(ctx: &Ctx, task: &TaskRecord) -> Result<Job, EngineError> {
         strength: input.strength,
         style: input.style,
         rendering_speed: input.rendering_speed,
+        upstream,
     })
 }
 
@@ -283,6 +360,14 @@ struct ResultImage<'a> {
     height: u32,
     content_type: &'a str,
     file_size: usize,
+    /// The size the provider made the image at, when remixd resized it, and the
+    /// provider's seed for it.
+    #[serde(rename = "providerWidth", skip_serializing_if = "Option::is_none")]
+    provider_width: Option<u32>,
+    #[serde(rename = "providerHeight", skip_serializing_if = "Option::is_none")]
+    provider_height: Option<u32>,
+    #[serde(rename = "providerSeed", skip_serializing_if = "Option::is_none")]
+    provider_seed: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -290,23 +375,43 @@ struct ResultImage<'a> {
 struct ResultDoc<'a> {
     result_urls: Vec<&'a str>,
     seed: u32,
+    /// The upstream engine that served the task (`fal`, `ideogram`); absent for the
+    /// engines that run here.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    provider: Option<&'a str>,
     images: Vec<ResultImage<'a>>,
 }
 
+/// One stored result image, for [`result_json`].
+#[derive(Debug, Clone)]
+pub struct StoredImage {
+    pub width: u32,
+    pub height: u32,
+    pub content_type: String,
+    pub file_size: usize,
+    pub provider: Option<ProviderImage>,
+}
+
 /// The `resultJson` string of a successful task.
-pub fn result_json(urls: &[String], seed: Seed, images: &[(u32, u32, String, usize)]) -> String {
+pub fn result_json(urls: &[String], seed: Seed, images: &[StoredImage]) -> String {
     let doc = ResultDoc {
         result_urls: urls.iter().map(String::as_str).collect(),
         seed: seed.get(),
+        provider: images
+            .iter()
+            .find_map(|i| i.provider.as_ref().map(|p| p.provider.as_str())),
         images: urls
             .iter()
             .zip(images)
-            .map(|(url, (w, h, ct, size))| ResultImage {
+            .map(|(url, i)| ResultImage {
                 url,
-                width: *w,
-                height: *h,
-                content_type: ct,
-                file_size: *size,
+                width: i.width,
+                height: i.height,
+                content_type: &i.content_type,
+                file_size: i.file_size,
+                provider_width: i.provider.as_ref().map(|p| p.width),
+                provider_height: i.provider.as_ref().map(|p| p.height),
+                provider_seed: i.provider.as_ref().and_then(|p| p.seed),
             })
             .collect(),
     };
@@ -346,7 +451,13 @@ async fn store_results(
             return Err(e.to_string());
         }
         urls.push(format!("{base}/files/{key}"));
-        meta.push((img.width, img.height, img.content_type, size));
+        meta.push(StoredImage {
+            width: img.width,
+            height: img.height,
+            content_type: img.content_type,
+            file_size: size,
+            provider: img.provider,
+        });
         keys.push(key);
     }
     let json = result_json(&urls, task.input.seed, &meta);

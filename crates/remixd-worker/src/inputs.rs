@@ -110,7 +110,9 @@ pub(crate) async fn run_one(ctx: &Arc<Ctx>) -> Result<bool, remixd_store::StoreE
     done.cancel();
     let id = task.id;
     match outcome {
-        None => drop_inputs_if_terminal(ctx, &id).await,
+        None => {
+            drop_inputs_if_terminal(ctx, &id).await;
+        }
         Some(Ok(())) => {
             let moved = ctx
                 .store
@@ -266,12 +268,17 @@ async fn store_input(ctx: &Ctx, key: &str, bytes: Bytes) -> Result<(), String> {
 
 /// Deletes a task's fetched inputs once it is terminal (after a cancellation, say); a
 /// task that went back to the queue keeps them.
-pub(crate) async fn drop_inputs_if_terminal(ctx: &Ctx, id: &remixd_domain::TaskId) {
-    if let Ok(Some(t)) = ctx.store.task(id).await {
-        if t.state.is_terminal() {
-            let _ = ctx.blobs.delete_prefix(&format!("inputs/{id}")).await;
-        }
+/// Returns the task's record when it is terminal.
+pub(crate) async fn drop_inputs_if_terminal(
+    ctx: &Ctx,
+    id: &remixd_domain::TaskId,
+) -> Option<TaskRecord> {
+    let t = ctx.store.task(id).await.ok()??;
+    if !t.state.is_terminal() {
+        return None;
     }
+    let _ = ctx.blobs.delete_prefix(&format!("inputs/{id}")).await;
+    Some(t)
 }
 
 /// An input URL that designates this server is read from storage, never over HTTP, and

@@ -63,6 +63,9 @@ pub struct WorkerConfig {
     pub shutdown_grace: Duration,
     /// Base of result URLs (`server.public_url`).
     pub public_url: String,
+    /// How long the signed links to this server's files that an upstream engine hands
+    /// its provider stay valid (`worker.source_link_s`).
+    pub source_link: Duration,
 }
 
 impl Default for WorkerConfig {
@@ -81,6 +84,7 @@ impl Default for WorkerConfig {
             retry_delay: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(20),
             public_url: "http://127.0.0.1:8080".into(),
+            source_link: Duration::from_secs(2 * 3600),
         }
     }
 }
@@ -157,6 +161,8 @@ pub(crate) struct Ctx {
     /// While storage is under its free-space minimum, no new work is claimed: it would
     /// only fail to store its inputs or results. Queued tasks wait, nothing is lost.
     pub space: SpaceGuard,
+    /// Signs links to this server's files for providers; loaded on first use.
+    pub signer: tokio::sync::OnceCell<remixd_store::links::LinkSigner>,
 }
 
 /// The worker side of a remixd process.
@@ -188,6 +194,7 @@ impl Worker {
             wake,
             hard_stop: CancellationToken::new(),
             space: SpaceGuard::default(),
+            signer: tokio::sync::OnceCell::new(),
         };
         Self { ctx: Arc::new(ctx) }
     }

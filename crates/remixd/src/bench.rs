@@ -40,6 +40,7 @@ pub fn preview(size: &str, iterations: u32) -> anyhow::Result<()> {
             strength: Strength::new(0.6).expect("0.6 is valid"),
             style,
             rendering_speed: speed,
+            upstream: Default::default(),
         })
     };
     let two_styles = || -> anyhow::Result<_> { Ok(vec![decode(BASE)?, decode(CHARACTER)?]) };

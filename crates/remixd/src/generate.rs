@@ -84,6 +84,7 @@ pub fn run(settings: &Settings, args: GenerateArgs) -> anyhow::Result<()> {
         strength: rule("strength", Strength::new(args.strength))?,
         style: rule("style-type", Style::parse(&args.style_type))?,
         rendering_speed: rule("speed", RenderingSpeed::parse(&args.speed))?,
+        upstream: Default::default(),
     };
 
     let t = Instant::now();

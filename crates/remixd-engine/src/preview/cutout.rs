@@ -238,6 +238,7 @@ mod tests {
             strength: Default::default(),
             style: Default::default(),
             rendering_speed: Default::default(),
+            upstream: Default::default(),
         }
     }
 

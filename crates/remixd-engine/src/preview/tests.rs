@@ -54,6 +54,7 @@ fn job(base: RgbImage, character: RgbImage, mask: Option<GrayImage>) -> Job {
         strength: Strength::new(1.0).unwrap(),
         style: Style::Auto,
         rendering_speed: RenderingSpeed::Balanced,
+        upstream: Default::default(),
     }
 }
 
@@ -653,6 +654,7 @@ fn reduced(img: &RgbImage, size: crate::WorkingSize) -> RgbImage {
     let (w, h) = img.dimensions();
     let (bw, bh, cover) = match size {
         crate::WorkingSize::Full => return img.clone(),
+        crate::WorkingSize::Unused => return RgbImage::new(0, 0),
         crate::WorkingSize::Cover(bw, bh) => (bw, bh, true),
         crate::WorkingSize::Fit(bw, bh) => (bw, bh, false),
     };
