@@ -9,6 +9,7 @@
 //!
 //! Nothing here talks to anything but loopback.
 
+pub mod providers;
 pub mod tmpfs;
 
 use std::collections::HashMap;
@@ -300,6 +301,31 @@ impl Api {
         a.body["data"]
             .as_i64()
             .unwrap_or_else(|| panic!("credit: {:?}", a.body))
+    }
+
+    /// Uploads `bytes` through `/api/file-stream-upload` as `uploadPath=inputs`,
+    /// `fileName=name`; returns the downloadUrl, panicking on refusal.
+    pub async fn upload_ok(&self, bytes: &[u8], name: &str) -> String {
+        let form = reqwest::multipart::Form::new()
+            .part(
+                "file",
+                reqwest::multipart::Part::bytes(bytes.to_vec()).file_name(name.to_string()),
+            )
+            .text("uploadPath", "inputs");
+        let r = self
+            .http
+            .post(format!("{}/api/file-stream-upload", self.base))
+            .bearer_auth(&self.key)
+            .multipart(form)
+            .send()
+            .await
+            .expect("upload");
+        let v: Value = r.json().await.expect("upload answer");
+        assert_eq!(v["code"], 200, "upload: {v}");
+        v["data"]["downloadUrl"]
+            .as_str()
+            .expect("downloadUrl")
+            .to_string()
     }
 
     /// Creates a task and returns its id, panicking on refusal.

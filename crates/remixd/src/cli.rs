@@ -54,6 +54,9 @@ pub enum Command {
     /// Show configuration.
     #[command(subcommand)]
     Config(ConfigCmd),
+    /// The configured engine's providers.
+    #[command(subcommand)]
+    Engines(EnginesCmd),
     /// A client: upload local files, create a task, follow it, download the images.
     Submit(crate::submit::SubmitArgs),
     /// Run one job through the local engine without the server (try or time a model).
@@ -143,6 +146,12 @@ pub enum DeliveriesCmd {
 pub enum ConfigCmd {
     /// The effective configuration, secrets redacted.
     Show,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EnginesCmd {
+    /// One cheap authenticated call to each configured provider; says what works.
+    Check,
 }
 
 #[derive(Debug, Subcommand)]
@@ -373,6 +382,29 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 settings.database_url(),
                 settings.storage_url()
             );
+            Ok(())
+        }
+        Command::Engines(EnginesCmd::Check) => {
+            settings.check()?;
+            let fetcher = crate::build_fetcher(&settings, None)?;
+            let Some(gw) = crate::build_gateway(&settings, &fetcher)? else {
+                println!(
+                    "engine.kind = {:?} runs in this process: no provider to check",
+                    settings.engine.kind
+                );
+                return Ok(());
+            };
+            let mut failed = Vec::new();
+            for (kind, r) in gw.check().await {
+                match r {
+                    Ok(m) => println!("{}: ok: {m}", kind.name()),
+                    Err(m) => {
+                        println!("{}: FAILED: {m}", kind.name());
+                        failed.push(kind.name());
+                    }
+                }
+            }
+            anyhow::ensure!(failed.is_empty(), "not working: {}", failed.join(", "));
             Ok(())
         }
         Command::Demo { out } => crate::demo::run(settings, &out).await,

@@ -70,8 +70,62 @@ pub async fn open_store(settings: &Settings) -> anyhow::Result<Arc<dyn Store>> {
     Ok(store)
 }
 
-/// Builds the configured engine.
-pub fn build_engine(settings: &Settings) -> anyhow::Result<Arc<dyn Engine>> {
+/// The upstream gateway for `engine.kind` and `engine.fallback`; `None` when the
+/// engine runs here.
+pub fn build_gateway(
+    settings: &Settings,
+    fetcher: &Fetcher,
+) -> anyhow::Result<Option<remixd_upstream::Gateway>> {
+    let e = &settings.engine;
+    let Some(first) = remixd_upstream::Kind::parse(&e.kind) else {
+        return Ok(None);
+    };
+    let mut providers = Vec::new();
+    for kind in std::iter::once(first).chain(
+        e.fallback
+            .iter()
+            .filter_map(|f| remixd_upstream::Kind::parse(f)),
+    ) {
+        let p = match kind {
+            remixd_upstream::Kind::Fal => &e.fal,
+            remixd_upstream::Kind::Ideogram => &e.ideogram,
+        };
+        providers.push((kind, p.to_config(kind)));
+    }
+    let gw = remixd_upstream::Gateway::new(remixd_upstream::GatewayConfig {
+        providers,
+        fetcher: fetcher.clone(),
+        // Provider results are about a megapixel; leave room for lossless ones.
+        max_result_bytes: settings.fetch.max_image_bytes.max(64 << 20),
+    })
+    .map_err(|e| anyhow::anyhow!("engine: {e}"))?;
+    Ok(Some(gw))
+}
+
+/// The fetcher for `settings`; `origin` is this server when it is serving.
+pub fn build_fetcher(
+    settings: &Settings,
+    origin: Option<remixd_domain::ServerOrigin>,
+) -> anyhow::Result<Fetcher> {
+    Fetcher::new(FetchConfig {
+        allow: settings.fetch.allow.clone(),
+        timeout: Duration::from_secs(settings.fetch.timeout_s),
+        task_timeout: Duration::from_secs(settings.fetch.task_timeout_s),
+        origin,
+        max_image_bytes: settings.fetch.max_image_bytes,
+        max_pixels: settings.fetch.max_pixels,
+        max_task_pixels: settings.fetch.max_task_pixels,
+        decode_concurrency: settings.worker.decode_concurrency,
+        ..FetchConfig::default()
+    })
+    .context("fetch settings")
+}
+
+/// Builds the configured engine; upstream engines download their results with `fetcher`.
+pub fn build_engine(settings: &Settings, fetcher: &Fetcher) -> anyhow::Result<Arc<dyn Engine>> {
+    if let Some(gw) = build_gateway(settings, fetcher)? {
+        return Ok(Arc::new(gw));
+    }
     match settings.engine.kind.as_str() {
         "preview" => Ok(Arc::new(PreviewEngine::new(
             remixd_engine::preview::PreviewConfig {
@@ -84,9 +138,6 @@ pub fn build_engine(settings: &Settings) -> anyhow::Result<Arc<dyn Engine>> {
             let engine = remixd_diffusion::engine::LocalEngine::load(cfg)
                 .with_context(|| format!("loading the local engine's model from {dir}"))?;
             Ok(Arc::new(engine))
-        }
-        k @ ("fal" | "ideogram") => {
-            anyhow::bail!("engine.kind = {k:?} is not available in this build yet; use \"preview\"")
         }
         other => {
             anyhow::bail!("engine.kind = {other:?} is unknown (preview, local, fal, ideogram)")
@@ -179,21 +230,10 @@ pub async fn launch_with_listener(
     }
     let blobs = Blobs::open(&settings.storage_url()).context("opening file storage")?;
     let space = space_guard(&settings, &blobs);
-    let engine = build_engine(&settings)?;
     let origin = remixd_domain::ServerOrigin::new(&public_url, Some(addr))
         .map_err(|e| anyhow::anyhow!(e))?;
-    let fetcher = Fetcher::new(FetchConfig {
-        allow: settings.fetch.allow.clone(),
-        timeout: Duration::from_secs(settings.fetch.timeout_s),
-        task_timeout: Duration::from_secs(settings.fetch.task_timeout_s),
-        origin: Some(origin.clone()),
-        max_image_bytes: settings.fetch.max_image_bytes,
-        max_pixels: settings.fetch.max_pixels,
-        max_task_pixels: settings.fetch.max_task_pixels,
-        decode_concurrency: settings.worker.decode_concurrency,
-        ..FetchConfig::default()
-    })
-    .context("fetch settings")?;
+    let fetcher = build_fetcher(&settings, Some(origin.clone()))?;
+    let engine = build_engine(&settings, &fetcher)?;
 
     let tracker = TaskTracker::new();
     let serve_cfg = serve::ServeConfig::from_settings(&settings, serve::raise_nofile_limit());
@@ -222,6 +262,7 @@ pub async fn launch_with_listener(
             retry_delay: Duration::from_millis(w.retry_delay_ms),
             shutdown_grace: Duration::from_millis(w.shutdown_grace_ms),
             public_url: public_url.clone(),
+            source_link: Duration::from_secs(w.source_link_s),
             ..WorkerConfig::default()
         };
         let owner = cfg.owner.clone();

@@ -148,6 +148,8 @@ pub struct EngineSettings {
     pub kind: String,
     pub concurrency: usize,
     pub local: LocalEngineSettings,
+    /// Upstream engines tried, in order, when `kind`'s provider is unavailable.
+    pub fallback: Vec<String>,
     pub fal: ProviderSettings,
     pub ideogram: ProviderSettings,
     pub preview: PreviewSettings,
@@ -159,6 +161,7 @@ impl Default for EngineSettings {
             kind: "preview".into(),
             concurrency: 1,
             local: LocalEngineSettings::default(),
+            fallback: Vec::new(),
             fal: ProviderSettings::default(),
             ideogram: ProviderSettings::default(),
             preview: PreviewSettings::default(),
@@ -227,11 +230,122 @@ impl LocalEngineSettings {
     }
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+/// One upstream provider (`engine.fal`, `engine.ideogram`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ProviderSettings {
+    /// Unset: the provider's usual environment variable (`FAL_KEY`, `IDEOGRAM_API_KEY`).
     pub key: Option<Secret>,
+    /// Unset: the provider's real API.
     pub base_url: Option<String>,
+    /// Requests open at the provider at once, per worker process.
+    pub concurrency: usize,
+    pub connect_timeout_s: f64,
+    /// One HTTP exchange; unset: 60 s for fal, 180 s for Ideogram (whose answer is the
+    /// whole generation).
+    pub request_timeout_s: Option<f64>,
+    /// Everything for one task on this provider.
+    pub task_timeout_s: f64,
+    /// Retries of one call on connection failures, 429 and 5xx.
+    pub retries: u32,
+    pub retry_base_ms: u64,
+    pub retry_max_s: f64,
+    /// How often a queued request's status is asked (fal).
+    pub poll_ms: u64,
+    /// Unavailable outcomes in a row that open the circuit, and its cool-down.
+    pub breaker_failures: u32,
+    pub breaker_cooldown_s: f64,
+    /// fal only: send the inputs as `data:` URIs instead of URLs, for a server the
+    /// provider cannot reach on `server.public_url`.
+    pub inline_inputs: bool,
+}
+
+impl Default for ProviderSettings {
+    fn default() -> Self {
+        let d = remixd_upstream::ProviderConfig::new(remixd_upstream::Kind::Fal, "");
+        Self {
+            key: None,
+            base_url: None,
+            concurrency: d.concurrency,
+            connect_timeout_s: d.connect_timeout.as_secs_f64(),
+            request_timeout_s: None,
+            task_timeout_s: d.task_timeout.as_secs_f64(),
+            retries: d.retries,
+            retry_base_ms: d.retry_base.as_millis() as u64,
+            retry_max_s: d.retry_max.as_secs_f64(),
+            poll_ms: d.poll_interval.as_millis() as u64,
+            breaker_failures: d.breaker_failures,
+            breaker_cooldown_s: d.breaker_cooldown.as_secs_f64(),
+            inline_inputs: d.inline_inputs,
+        }
+    }
+}
+
+impl ProviderSettings {
+    /// Range checks; errors name the setting.
+    fn check(&self, name: &str) -> anyhow::Result<()> {
+        let k = |key: &str| format!("engine.{name}.{key}");
+        within(&k("concurrency"), self.concurrency, 1, 10_000)?;
+        seconds(&k("connect_timeout_s"), self.connect_timeout_s, 0.01, 600.0)?;
+        if let Some(t) = self.request_timeout_s {
+            seconds(&k("request_timeout_s"), t, 0.01, 3600.0)?;
+        }
+        seconds(&k("task_timeout_s"), self.task_timeout_s, 0.1, 86_400.0)?;
+        within(&k("retries"), self.retries, 0, 20)?;
+        within(&k("retry_base_ms"), self.retry_base_ms, 1, 600_000)?;
+        seconds(&k("retry_max_s"), self.retry_max_s, 0.001, 3600.0)?;
+        within(&k("poll_ms"), self.poll_ms, 10, 600_000)?;
+        within(&k("breaker_failures"), self.breaker_failures, 1, 1000)?;
+        seconds(
+            &k("breaker_cooldown_s"),
+            self.breaker_cooldown_s,
+            0.001,
+            86_400.0,
+        )?;
+        if let Some(u) = &self.base_url {
+            let parsed = url::Url::parse(u)
+                .map_err(|e| anyhow::anyhow!("engine.{name}.base_url {u:?}: {e}"))?;
+            anyhow::ensure!(
+                matches!(parsed.scheme(), "http" | "https"),
+                "engine.{name}.base_url must be http or https"
+            );
+        }
+        anyhow::ensure!(
+            !self.inline_inputs || name == "fal",
+            "engine.{name}.inline_inputs is a fal setting (Ideogram always gets the files)"
+        );
+        Ok(())
+    }
+
+    /// The provider's configuration; the key from here or the provider's environment
+    /// variable.
+    pub fn to_config(&self, kind: remixd_upstream::Kind) -> remixd_upstream::ProviderConfig {
+        let d = remixd_upstream::ProviderConfig::new(kind, "");
+        let secs = std::time::Duration::from_secs_f64;
+        remixd_upstream::ProviderConfig {
+            key: self
+                .key
+                .as_ref()
+                .map(|k| k.0.clone())
+                .or_else(|| std::env::var(remixd_upstream::key_env(kind)).ok())
+                .unwrap_or_default(),
+            base_url: self
+                .base_url
+                .clone()
+                .unwrap_or_else(|| kind.default_base_url().to_string()),
+            concurrency: self.concurrency,
+            connect_timeout: secs(self.connect_timeout_s),
+            request_timeout: self.request_timeout_s.map_or(d.request_timeout, secs),
+            task_timeout: secs(self.task_timeout_s),
+            retries: self.retries,
+            retry_base: std::time::Duration::from_millis(self.retry_base_ms),
+            retry_max: secs(self.retry_max_s),
+            poll_interval: std::time::Duration::from_millis(self.poll_ms),
+            breaker_failures: self.breaker_failures,
+            breaker_cooldown: secs(self.breaker_cooldown_s),
+            inline_inputs: self.inline_inputs,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -379,6 +493,9 @@ pub struct WorkerSettings {
     pub shutdown_grace_ms: u64,
     /// Image decodes running at once in the process (each holds a full-size canvas).
     pub decode_concurrency: usize,
+    /// How long the signed links to uploaded inputs that an upstream engine gives its
+    /// provider stay valid.
+    pub source_link_s: u64,
 }
 
 impl Default for WorkerSettings {
@@ -391,6 +508,7 @@ impl Default for WorkerSettings {
             retry_delay_ms: 10_000,
             shutdown_grace_ms: 20_000,
             decode_concurrency: 2,
+            source_link_s: 7200,
         }
     }
 }
@@ -558,6 +676,24 @@ impl Settings {
             within(key, v, 1, 200)?;
         }
         seconds("engine.local.guidance_scale", l.guidance_scale, 0.0, 30.0)?;
+        e.fal.check("fal")?;
+        e.ideogram.check("ideogram")?;
+        for (i, f) in e.fallback.iter().enumerate() {
+            anyhow::ensure!(
+                remixd_upstream::Kind::parse(f).is_some(),
+                "engine.fallback[{i}] = {f:?}: only upstream engines (fal, ideogram) can be fallbacks"
+            );
+            anyhow::ensure!(
+                *f != e.kind && !e.fallback[..i].contains(f),
+                "engine.fallback[{i}] = {f:?} is listed twice (engine.kind or an earlier fallback)"
+            );
+        }
+        anyhow::ensure!(
+            e.fallback.is_empty() || remixd_upstream::Kind::parse(&e.kind).is_some(),
+            "engine.fallback is for upstream engines; engine.kind = {:?} runs here",
+            e.kind
+        );
+        within("worker.source_link_s", w.source_link_s, 60, 7 * 86_400)?;
 
         let f = &self.fetch;
         within("fetch.timeout_s", f.timeout_s, 1, 3600)?;

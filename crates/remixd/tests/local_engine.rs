@@ -56,9 +56,16 @@ async fn a_local_engine_without_a_model_dir_refuses_to_start() {
     let dir = tempfile::tempdir().unwrap();
     let mut s = common::test_settings(dir.path());
     s.engine.kind = "local".into();
-    let err = remixd::build_engine(&s).err().expect("refused").to_string();
+    let fetcher = remixd::build_fetcher(&s, None).unwrap();
+    let err = remixd::build_engine(&s, &fetcher)
+        .err()
+        .expect("refused")
+        .to_string();
     assert!(err.contains("engine.local.model_dir"), "{err}");
     s.engine.local.model_dir = Some(dir.path().join("no-such-model"));
-    let err = format!("{:#}", remixd::build_engine(&s).err().expect("refused"));
+    let err = format!(
+        "{:#}",
+        remixd::build_engine(&s, &fetcher).err().expect("refused")
+    );
     assert!(err.contains("no-such-model"), "{err}");
 }
