@@ -328,6 +328,16 @@ impl Api {
             .to_string()
     }
 
+    /// `POST /api/v1/jobs/cancel?taskId=…`.
+    pub async fn cancel(&self, task_id: &str) -> Answer {
+        self.post_raw(
+            &format!("/api/v1/jobs/cancel?taskId={task_id}"),
+            "application/json",
+            vec![],
+        )
+        .await
+    }
+
     /// Creates a task and returns its id, panicking on refusal.
     pub async fn create_ok(&self, body: &Value) -> String {
         let a = self.create(body).await;

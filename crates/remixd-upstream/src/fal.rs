@@ -367,30 +367,11 @@ impl crate::Provider for Fal {
             "{}/fal-ai/ideogram/requests/00000000-0000-0000-0000-000000000000/status",
             self.base()
         );
-        let r = self
+        let req = self
             .caller
             .client
             .get(&url)
-            .header("Authorization", self.auth())
-            .timeout(crate::CHECK_TIMEOUT)
-            .send()
-            .await
-            .map_err(|e| {
-                self.caller.redact(&format!(
-                    "unreachable at {}: {}",
-                    self.base(),
-                    e.without_url()
-                ))
-            })?;
-        match r.status().as_u16() {
-            401 | 403 => Err(format!(
-                "reachable, but the key was refused (HTTP {})",
-                r.status().as_u16()
-            )),
-            s if s >= 500 => Err(format!("reachable, but answered HTTP {s}")),
-            s => Ok(format!(
-                "reachable, key accepted (HTTP {s} for a made-up request id)"
-            )),
-        }
+            .header("Authorization", self.auth());
+        self.caller.check(req, "a made-up request id").await
     }
 }

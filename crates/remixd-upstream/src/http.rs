@@ -70,6 +70,27 @@ impl Caller {
         }
     }
 
+    /// `remixd engines check`'s one call: sends `req` once and says what its answer
+    /// means; `accepted` describes a non-refusal (what the call asked for).
+    pub async fn check(&self, req: RequestBuilder, accepted: &str) -> Result<String, String> {
+        let r = req
+            .timeout(crate::CHECK_TIMEOUT)
+            .send()
+            .await
+            .map_err(|e| {
+                self.redact(&format!(
+                    "unreachable at {}: {}",
+                    self.cfg.base_url,
+                    describe(e)
+                ))
+            })?;
+        match r.status().as_u16() {
+            s @ (401 | 403) => Err(format!("reachable, but the key was refused (HTTP {s})")),
+            s if s >= 500 => Err(format!("reachable, but answered HTTP {s}")),
+            s => Ok(format!("reachable, key accepted (HTTP {s} for {accepted})")),
+        }
+    }
+
     /// Sends the request `make` builds (once per attempt), retrying as the module says.
     pub async fn call(
         &self,

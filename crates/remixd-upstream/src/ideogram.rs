@@ -290,27 +290,15 @@ impl crate::Provider for Ideogram {
     async fn check(&self) -> Result<String, String> {
         // A remix without an image: authenticated, refused before any generation.
         let form = Form::new().text("prompt", "remixd engines check");
-        let r = self
+        let req = self
             .caller
             .client
             .post(self.url())
             .header("Api-Key", &self.caller.cfg.key)
-            .multipart(form)
-            .timeout(crate::CHECK_TIMEOUT)
-            .send()
+            .multipart(form);
+        self.caller
+            .check(req, "a request without an image; nothing generated")
             .await
-            .map_err(|e| {
-                self.caller.redact(&format!(
-                    "unreachable at {}: {}",
-                    self.caller.cfg.base_url,
-                    e.without_url()
-                ))
-            })?;
-        match r.status().as_u16() {
-            401 | 403 => Err(format!("reachable, but the key was refused (HTTP {})", r.status().as_u16())),
-            s if s >= 500 => Err(format!("reachable, but answered HTTP {s}")),
-            s => Ok(format!("reachable, key accepted (HTTP {s} for a request without an image; nothing generated)")),
-        }
     }
 }
 

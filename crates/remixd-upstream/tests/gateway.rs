@@ -126,6 +126,12 @@ fn progress_log() -> (Progress, Arc<Mutex<Vec<u8>>>) {
     (Arc::new(move |p| l.lock().unwrap().push(p)), log)
 }
 
+/// Runs `j` on `gw` with a fresh progress callback and cancellation token.
+async fn go(gw: &Gateway, j: Job) -> Result<Vec<remixd_engine::EngineImage>, EngineError> {
+    gw.generate(j, progress_log().0, CancellationToken::new())
+        .await
+}
+
 #[tokio::test]
 async fn fal_submits_the_documented_input_follows_the_queue_and_copies_the_images() {
     let fal = StandIn::start().await;
@@ -272,12 +278,7 @@ async fn fal_validation_errors_fail_the_task_with_the_providers_message_and_no_k
     });
     let gw = gateway(vec![(Kind::Fal, provider(Kind::Fal, &fal.base))]);
     let saved = Arc::new(Mutex::new(Vec::new()));
-    let err = gw
-        .generate(
-            job(1, ImageSize::Square, &saved),
-            progress_log().0,
-            CancellationToken::new(),
-        )
+    let err = go(&gw, job(1, ImageSize::Square, &saved))
         .await
         .unwrap_err();
     let EngineError::BadInput(msg) = err else {
@@ -298,12 +299,7 @@ async fn a_result_that_cannot_be_downloaded_is_retried_then_fails_the_task() {
     fal.script(|s| s.results_404 = true);
     let gw = gateway(vec![(Kind::Fal, provider(Kind::Fal, &fal.base))]);
     let saved = Arc::new(Mutex::new(Vec::new()));
-    let err = gw
-        .generate(
-            job(1, ImageSize::Square, &saved),
-            progress_log().0,
-            CancellationToken::new(),
-        )
+    let err = go(&gw, job(1, ImageSize::Square, &saved))
         .await
         .unwrap_err();
     let EngineError::GenerationFailed(msg) = err else {
@@ -325,12 +321,7 @@ async fn a_provider_that_hangs_past_the_task_timeout_fails_the_task_and_is_cance
     let gw = gateway(vec![(Kind::Fal, cfg)]);
     let saved = Arc::new(Mutex::new(Vec::new()));
     let started = Instant::now();
-    let err = gw
-        .generate(
-            job(1, ImageSize::Square, &saved),
-            progress_log().0,
-            CancellationToken::new(),
-        )
+    let err = go(&gw, job(1, ImageSize::Square, &saved))
         .await
         .unwrap_err();
     assert!(started.elapsed() < Duration::from_secs(5));
@@ -350,14 +341,7 @@ async fn a_provider_that_hangs_past_the_task_timeout_fails_the_task_and_is_cance
     let mut cfg = provider(Kind::Fal, &fal.base);
     cfg.request_timeout = Duration::from_millis(300);
     let gw = gateway(vec![(Kind::Fal, cfg)]);
-    let images = gw
-        .generate(
-            job(1, ImageSize::Square, &saved),
-            progress_log().0,
-            CancellationToken::new(),
-        )
-        .await
-        .unwrap();
+    let images = go(&gw, job(1, ImageSize::Square, &saved)).await.unwrap();
     assert_eq!(
         images.len(),
         1,
@@ -413,10 +397,7 @@ async fn a_recorded_request_is_resumed_never_submitted_again() {
     let first = tokio::spawn({
         let j = job(1, ImageSize::Square, &saved);
         let gw = gateway(vec![(Kind::Fal, provider(Kind::Fal, &fal.base))]);
-        async move {
-            gw.generate(j, progress_log().0, CancellationToken::new())
-                .await
-        }
+        async move { go(&gw, j).await }
     });
     while fal.status_polls("req-0") < 1 {
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -426,10 +407,7 @@ async fn a_recorded_request_is_resumed_never_submitted_again() {
     fal.script(|s| s.hold = false);
     let mut j = job(1, ImageSize::Square, &saved);
     j.upstream.resume = Some(saved.lock().unwrap()[0].clone());
-    let images = gw
-        .generate(j, progress_log().0, CancellationToken::new())
-        .await
-        .unwrap();
+    let images = go(&gw, j).await.unwrap();
     assert_eq!(images.len(), 1);
     assert_eq!(fal.fal_submits().len(), 1, "submitted once");
     assert_eq!(saved.lock().unwrap().len(), 1);
@@ -441,12 +419,7 @@ async fn ideogram_gets_the_files_and_the_documented_parts() {
     ideo.script(|s| s.result_size = (896, 1152));
     let gw = gateway(vec![(Kind::Ideogram, provider(Kind::Ideogram, &ideo.base))]);
     let saved = Arc::new(Mutex::new(Vec::new()));
-    let images = gw
-        .generate(
-            job(2, ImageSize::Portrait4_3, &saved),
-            progress_log().0,
-            CancellationToken::new(),
-        )
+    let images = go(&gw, job(2, ImageSize::Portrait4_3, &saved))
         .await
         .unwrap();
     let reqs = ideo.ideogram_requests();
@@ -507,12 +480,7 @@ async fn ideogram_unsafe_images_and_refusals_fail_the_task_with_a_sentence() {
     ideo.script(|s| s.unsafe_images = true);
     let gw = gateway(vec![(Kind::Ideogram, provider(Kind::Ideogram, &ideo.base))]);
     let saved = Arc::new(Mutex::new(Vec::new()));
-    let err = gw
-        .generate(
-            job(1, ImageSize::Square, &saved),
-            progress_log().0,
-            CancellationToken::new(),
-        )
+    let err = go(&gw, job(1, ImageSize::Square, &saved))
         .await
         .unwrap_err();
     let EngineError::BadInput(msg) = err else {
@@ -528,12 +496,7 @@ async fn ideogram_unsafe_images_and_refusals_fail_the_task_with_a_sentence() {
             None,
         ));
     });
-    let err = gw
-        .generate(
-            job(1, ImageSize::Square, &saved),
-            progress_log().0,
-            CancellationToken::new(),
-        )
+    let err = go(&gw, job(1, ImageSize::Square, &saved))
         .await
         .unwrap_err();
     assert_eq!(
@@ -548,12 +511,7 @@ async fn ideogram_unsafe_images_and_refusals_fail_the_task_with_a_sentence() {
         s.ideogram
             .push_back(Reply::Status(401, json!({"error": "bad key"}), None))
     });
-    let err = gw
-        .generate(
-            job(1, ImageSize::Square, &saved),
-            progress_log().0,
-            CancellationToken::new(),
-        )
+    let err = go(&gw, job(1, ImageSize::Square, &saved))
         .await
         .unwrap_err();
     let EngineError::Unavailable(msg) = err else {
@@ -573,8 +531,7 @@ async fn failover_moves_tasks_to_the_next_provider_and_the_breaker_probes_after_
     async fn run(gw: &Gateway) -> Result<Vec<remixd_engine::EngineImage>, EngineError> {
         let saved = Arc::new(Mutex::new(Vec::new()));
         let j = job(1, ImageSize::Square, &saved);
-        gw.generate(j, progress_log().0, CancellationToken::new())
-            .await
+        go(gw, j).await
     }
 
     // Phase 1: fal refuses connections.

@@ -89,14 +89,7 @@ async fn cancelling_a_generating_task_stops_the_engine_and_refunds() {
         assert!(Instant::now() < deadline);
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let a = srv
-        .api
-        .post_raw(
-            &format!("/api/v1/jobs/cancel?taskId={id}"),
-            "application/json",
-            vec![],
-        )
-        .await;
+    let a = srv.api.cancel(&id).await;
     assert_eq!(a.code(), 200, "{:?}", a.body);
     assert_eq!(
         (
@@ -129,14 +122,7 @@ async fn cancelling_a_generating_task_stops_the_engine_and_refunds() {
     );
 
     // Terminal tasks cannot be cancelled; unknown ones are 404.
-    let again = srv
-        .api
-        .post_raw(
-            &format!("/api/v1/jobs/cancel?taskId={id}"),
-            "application/json",
-            vec![],
-        )
-        .await;
+    let again = srv.api.cancel(&id).await;
     assert_eq!(again.code(), 422);
     let unknown = srv
         .api
@@ -162,14 +148,7 @@ async fn cancelling_a_waiting_task_refunds_and_the_fetch_is_abandoned() {
             json!({}),
         ))
         .await;
-    let a = srv
-        .api
-        .post_raw(
-            &format!("/api/v1/jobs/cancel?taskId={id}"),
-            "application/json",
-            vec![],
-        )
-        .await;
+    let a = srv.api.cancel(&id).await;
     assert_eq!(a.code(), 200);
     assert_eq!(srv.api.balance().await, 1000);
     tokio::time::sleep(Duration::from_millis(2500)).await;

@@ -30,7 +30,12 @@ fn use_fal(s: &mut remixd::settings::Settings, base: &str) {
 async fn a_task_runs_on_fal_and_its_images_land_in_remixd_storage() {
     let fal = StandIn::start().await;
     fal.script(|s| s.fetch_inputs = true);
-    let srv = TestServer::start_with(|s| use_fal(s, &fal.base)).await;
+    let metrics_port = free_port();
+    let srv = TestServer::start_with(|s| {
+        use_fal(s, &fal.base);
+        s.server.metrics_listen = Some(format!("127.0.0.1:{metrics_port}"));
+    })
+    .await;
     let img = ImageServer::start().await;
     let uploaded = srv.api.upload_ok(samples::COFFEE_WEBP, "base.webp").await;
     let body = task_body(
@@ -82,6 +87,24 @@ async fn a_task_runs_on_fal_and_its_images_land_in_remixd_storage() {
     let fetched = fal.input_fetches();
     assert_eq!(fetched.len(), 3);
     assert!(fetched.iter().all(|(_, s)| *s == 200), "{fetched:?}");
+
+    // Which provider served the task is in the metrics too.
+    let text = reqwest::get(format!("http://127.0.0.1:{metrics_port}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.lines()
+            .any(|l| l
+                .starts_with(r#"remixd_upstream_tasks_total{provider="fal",outcome="success"}"#)),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"remixd_upstream_requests_total{provider="fal",status="200"}"#),
+        "{text}"
+    );
     srv.stop().await;
 }
 
@@ -98,14 +121,7 @@ async fn cancelling_a_queued_task_cancels_the_providers_request() {
         assert!(Instant::now() < deadline, "never polled");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let a = srv
-        .api
-        .post_raw(
-            &format!("/api/v1/jobs/cancel?taskId={id}"),
-            "application/json",
-            vec![],
-        )
-        .await;
+    let a = srv.api.cancel(&id).await;
     assert_eq!(a.code(), 200, "{:?}", a.body);
     let rec = srv.api.wait_done(&id, Duration::from_secs(10)).await;
     assert_eq!(
