@@ -936,6 +936,31 @@ mod tests {
                     "[engine.local]\nguidance_scale = nan\n",
                     "engine.local.guidance_scale",
                 ),
+                ("[engine.fal]\nretries = 100\n", "engine.fal.retries"),
+                (
+                    "[engine.ideogram]\ntask_timeout_s = -1.0\n",
+                    "engine.ideogram.task_timeout_s",
+                ),
+                (
+                    "[engine.fal]\nbase_url = \"ftp://x\"\n",
+                    "engine.fal.base_url",
+                ),
+                (
+                    "[engine.ideogram]\ninline_inputs = true\n",
+                    "engine.ideogram.inline_inputs",
+                ),
+                (
+                    "[engine]\nkind = \"fal\"\nfallback = [\"preview\"]\n",
+                    "engine.fallback[0]",
+                ),
+                (
+                    "[engine]\nkind = \"fal\"\nfallback = [\"ideogram\", \"fal\"]\n",
+                    "engine.fallback[1]",
+                ),
+                (
+                    "[engine]\nfallback = [\"fal\"]\n",
+                    "engine.fallback is for upstream engines",
+                ),
             ] {
                 jail.create_file("r.toml", toml)?;
                 let s = Settings::load(Some(Path::new("r.toml"))).expect(toml);
