@@ -112,6 +112,19 @@ fn decode_error(e: impl std::fmt::Display) -> FetchError {
     FetchError::Decode(e.to_string())
 }
 
+/// Whether the image's EXIF orientation asks for a rotation or a flip, as `probe` and the
+/// decoders apply it: the bytes handed elsewhere as they are may be shown the wrong way.
+pub fn needs_orientation(bytes: &[u8]) -> bool {
+    let Some(kind) = sniff(bytes) else {
+        return false;
+    };
+    ImageReader::with_format(Cursor::new(bytes), kind.format())
+        .into_decoder()
+        .ok()
+        .and_then(|mut d| d.orientation().ok())
+        .is_some_and(|o| o != Orientation::NoTransforms)
+}
+
 /// Type and displayed dimensions (EXIF orientation applied) from the header, refusing
 /// truncated files and more than `max_pixels`.
 pub fn probe(bytes: &[u8], max_pixels: u64) -> Result<(ImageKind, u32, u32), FetchError> {

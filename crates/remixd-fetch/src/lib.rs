@@ -23,8 +23,8 @@ use std::time::Duration;
 
 pub use client::{Fetcher, SharedBudget};
 pub use images::{
-    check_complete, decode_luma, decode_luma_within, decode_rgb, decode_rgb_within, probe, sniff,
-    DecodeGate, FetchedImage, ImageKind, Reduce, TaskPixels,
+    check_complete, decode_luma, decode_luma_within, decode_rgb, decode_rgb_within,
+    needs_orientation, probe, sniff, DecodeGate, FetchedImage, ImageKind, Reduce, TaskPixels,
 };
 pub use policy::{classify, AddressClass, AddressPolicy};
 

@@ -9,6 +9,7 @@
 //!
 //! Nothing here talks to anything but loopback.
 
+pub mod exif;
 pub mod providers;
 pub mod tmpfs;
 

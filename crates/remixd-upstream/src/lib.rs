@@ -221,6 +221,8 @@ struct Slot {
 pub struct Gateway {
     name: String,
     slots: Vec<Slot>,
+    /// The decoders' pixel limit, for inputs turned upright.
+    max_pixels: u64,
 }
 
 impl Gateway {
@@ -252,7 +254,11 @@ impl Gateway {
             });
         }
         let name = cfg.providers[0].0.name().to_string();
-        Ok(Self { name, slots })
+        Ok(Self {
+            name,
+            slots,
+            max_pixels: cfg.fetcher.config().max_pixels,
+        })
     }
 
     /// The providers, in order.
@@ -370,6 +376,8 @@ impl Engine for Gateway {
             let (out, _) = self.run_on(slot, &job, &progress, &cancel, Some(h)).await;
             return out;
         }
+        let mut job = job;
+        upright_sources(&mut job, self.max_pixels).await?;
         let mut reasons = Vec::new();
         for (i, slot) in self.slots.iter().enumerate() {
             let kind = slot.provider.kind().name();
@@ -415,6 +423,40 @@ impl Engine for Gateway {
         }
         Err(EngineError::Unavailable(reasons.join("; ")))
     }
+}
+
+/// Inputs whose EXIF orientation asks for a rotation or flip go to the provider
+/// upright, as remixd's own engines see them: decoded with the orientation applied,
+/// re-encoded as PNG, and passed as a `data:` URI (the client's URL still serves the
+/// stored orientation, and providers differ in whether they read EXIF).
+pub async fn upright_sources(job: &mut Job, max_pixels: u64) -> Result<(), EngineError> {
+    use base64::Engine as _;
+    for s in &mut job.upstream.sources {
+        if !remixd_fetch::needs_orientation(&s.bytes) {
+            continue;
+        }
+        let (bytes, role) = (s.bytes.clone(), s.role);
+        let png = tokio::task::spawn_blocking(move || {
+            let img: image::DynamicImage = if role == InputRole::Mask {
+                remixd_fetch::decode_luma(&bytes, max_pixels)?.into()
+            } else {
+                remixd_fetch::decode_rgb(&bytes, max_pixels)?.into()
+            };
+            let mut out = Vec::new();
+            img.write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)
+                .map_err(|e| remixd_fetch::FetchError::Decode(e.to_string()))?;
+            Ok::<_, remixd_fetch::FetchError>(out)
+        })
+        .await
+        .map_err(|e| EngineError::Internal(e.to_string()))?
+        .map_err(|e| EngineError::BadInput(format!("{} {e}", s.field)))?;
+        s.url = format!(
+            "data:image/png;base64,{}",
+            base64::engine::general_purpose::STANDARD.encode(&png)
+        );
+        s.bytes = png.into();
+    }
+    Ok(())
 }
 
 /// Whether `url` is on the origin (scheme, host, port) of `base`: the only URLs a

@@ -649,3 +649,46 @@ async fn engines_check_tells_a_refused_key_from_an_accepted_one() {
         .unwrap_err()
         .contains("key was refused (HTTP 401)"));
 }
+
+#[tokio::test]
+async fn inputs_with_an_exif_rotation_reach_the_provider_upright() {
+    use remixd_testkit::exif::{encode_with_exif, exif_orientation};
+    // Stored 40×20, shown 20×40 (orientation 6: rotate 90° clockwise).
+    let stored = image::RgbImage::from_fn(40, 20, |x, _| image::Rgb([(x * 6) as u8, 0, 0]));
+    let jpeg: &'static [u8] = Box::leak(
+        encode_with_exif(&stored, image::ImageFormat::Jpeg, Some(exif_orientation(6)))
+            .into_boxed_slice(),
+    );
+    let with_rotated_base = |saved| {
+        let mut j = job(1, ImageSize::Square, saved);
+        j.upstream.sources[0].bytes = Bytes::from_static(jpeg);
+        j
+    };
+    let saved = Arc::new(Mutex::new(Vec::new()));
+
+    let fal = StandIn::start().await;
+    let gw = gateway(vec![(Kind::Fal, provider(Kind::Fal, &fal.base))]);
+    go(&gw, with_rotated_base(&saved)).await.unwrap();
+    let sent = fal.fal_submits()[0].json.clone().unwrap();
+    let uri = sent["image_url"].as_str().unwrap();
+    let b64 = uri.strip_prefix("data:image/png;base64,").expect(uri);
+    use base64::Engine as _;
+    let png = base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .unwrap();
+    let shown = image::load_from_memory(&png).unwrap();
+    assert_eq!((shown.width(), shown.height()), (20, 40), "upright");
+    assert_eq!(
+        sent["reference_image_urls"],
+        json!(["https://img.example/char.webp"]),
+        "inputs without a rotation go as they are"
+    );
+
+    let ideo = StandIn::start().await;
+    let gw = gateway(vec![(Kind::Ideogram, provider(Kind::Ideogram, &ideo.base))]);
+    go(&gw, with_rotated_base(&saved)).await.unwrap();
+    let part = ideo.ideogram_requests()[0].part("image").unwrap().clone();
+    assert_eq!(part.content_type.as_deref(), Some("image/png"));
+    let shown = image::load_from_memory(&part.bytes).unwrap();
+    assert_eq!((shown.width(), shown.height()), (20, 40), "upright");
+}
