@@ -5,7 +5,8 @@
 //!   `completeTime` in remixd (reading the result, downloading and storing the images,
 //!   the final update): p50, p99, max;
 //! - tasks per second end to end (createTask → success, inputs fetched from a loopback
-//!   image server) with 64 tasks in flight.
+//!   image server) with 64 tasks in flight, and as a baseline from the same run the same
+//!   harness with the preview engine composing at 512² (the cheapest local engine).
 //!
 //! `cargo bench -p remixd --bench upstream [-- TASKS]` (default 300).
 
@@ -23,10 +24,22 @@ async fn main() {
         .skip(1)
         .find_map(|a| a.parse().ok())
         .unwrap_or(300);
+    println!("remixd bench upstream: {tasks} tasks, 64 in flight, images square (512²)");
+    let fal = run(tasks, true).await;
+    let preview = run(tasks, false).await;
+    println!(
+        "fal (stand-in answering at once) / preview engine, tasks per second: {fal:.1} / {preview:.1} = {:.2}",
+        fal / preview
+    );
+}
+
+/// One server, `tasks` tasks through it; returns tasks per second.
+async fn run(tasks: usize, upstream: bool) -> f64 {
     let fal = StandIn::start().await;
     fal.script(|s| s.fal_sequence = vec!["COMPLETED".into()]);
     let img = ImageServer::start().await;
-    let dir = tempfile::tempdir().unwrap();
+    // On the build's disk, not /tmp (often a tmpfs): SQLite's fsyncs count.
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let mut s = Settings {
         data_dir: dir.path().to_path_buf(),
         ..Settings::default()
@@ -38,15 +51,18 @@ async fn main() {
     s.worker.poll_ms = 20;
     s.worker.fetch_concurrency = 16;
     s.worker.fetch_per_account = Some(16);
-    s.engine.kind = "fal".into();
     s.engine.concurrency = 64;
-    s.engine.fal.key = Some(Secret("bench-key".into()));
-    s.engine.fal.base_url = Some(fal.base.clone());
-    s.engine.fal.concurrency = 64;
-    s.engine.fal.poll_ms = 20;
+    if upstream {
+        s.engine.kind = "fal".into();
+        s.engine.fal.key = Some(Secret("bench-key".into()));
+        s.engine.fal.base_url = Some(fal.base.clone());
+        s.engine.fal.concurrency = 64;
+        s.engine.fal.poll_ms = 20;
+    }
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let shutdown = CancellationToken::new();
+    let store = remixd::open_store(&s).await.unwrap();
     let server = tokio::spawn(remixd::launch_with_listener(
         s,
         listener,
@@ -59,24 +75,16 @@ async fn main() {
     let key = std::fs::read_to_string(dir.path().join("default.key")).unwrap();
     let api = Api::new(&base, key.trim());
     // Enough credits for every task.
-    let store = remixd::open_store(&remixd::settings::Settings {
-        data_dir: dir.path().to_path_buf(),
-        ..Settings::default()
-    })
-    .await
-    .unwrap();
     store
         .add_credits("default", 18 * tasks as i64)
         .await
         .unwrap();
 
-    println!("remixd bench upstream: {tasks} tasks, fal stand-in answering at once, 64 in flight");
     let started = Instant::now();
     let mut ids = Vec::with_capacity(tasks);
     let mut in_flight = Vec::new();
     for i in 0..tasks {
-        let body =
-            img.sample_task(json!({"prompt": format!("bench {i}"), "rendering_speed": "BALANCED"}));
+        let body = img.sample_task(json!({"prompt": format!("bench {i}"), "image_size": "square"}));
         ids.push(api.create_ok(&body).await);
         in_flight.push(ids[i].clone());
         while in_flight.len() >= 64 {
@@ -87,36 +95,40 @@ async fn main() {
         in_flight = still_running(&api, in_flight).await;
     }
     let wall = started.elapsed();
+    let rate = tasks as f64 / wall.as_secs_f64();
+    let engine = if upstream { "fal" } else { "preview" };
+    println!(
+        "{engine}: {tasks} tasks end to end in {:.2} s = {rate:.1} tasks/s",
+        wall.as_secs_f64()
+    );
 
-    let mut overhead = Vec::new();
-    let requests = fal.fal_requests();
-    for (i, id) in ids.iter().enumerate() {
-        let rec = api.record(id).await.body["data"].clone();
-        assert_eq!(rec["state"], "success", "{rec}");
-        let done = rec["completeTime"].as_i64().unwrap();
-        let prompt = format!("bench {i}");
-        let completed = requests
-            .iter()
-            .find(|(_, body, _)| body["prompt"] == prompt.as_str())
-            .and_then(|(_, _, t)| *t)
-            .expect("the stand-in answered COMPLETED");
-        overhead.push(done - completed);
+    if upstream {
+        let mut overhead = Vec::new();
+        let requests = fal.fal_requests();
+        for (i, id) in ids.iter().enumerate() {
+            let rec = api.record(id).await.body["data"].clone();
+            assert_eq!(rec["state"], "success", "{rec}");
+            let done = rec["completeTime"].as_i64().unwrap();
+            let prompt = format!("bench {i}");
+            let completed = requests
+                .iter()
+                .find(|(_, body, _)| body["prompt"] == prompt.as_str())
+                .and_then(|(_, _, t)| *t)
+                .expect("the stand-in answered COMPLETED");
+            overhead.push(done - completed);
+        }
+        overhead.sort_unstable();
+        let pct = |p: f64| overhead[((overhead.len() - 1) as f64 * p).round() as usize];
+        println!(
+            "fal: COMPLETED upstream → success in remixd (ms clocks): p50 {} ms, p99 {} ms, max {} ms",
+            pct(0.5),
+            pct(0.99),
+            overhead[overhead.len() - 1]
+        );
     }
-    overhead.sort_unstable();
-    let pct = |p: f64| overhead[((overhead.len() - 1) as f64 * p).round() as usize];
-    println!(
-        "COMPLETED upstream → success in remixd: p50 {} ms, p99 {} ms, max {} ms",
-        pct(0.5),
-        pct(0.99),
-        overhead[overhead.len() - 1]
-    );
-    println!(
-        "end to end: {tasks} tasks in {:.2} s = {:.1} tasks/s (64 in flight)",
-        wall.as_secs_f64(),
-        tasks as f64 / wall.as_secs_f64()
-    );
     shutdown.cancel();
     let _ = server.await;
+    rate
 }
 
 /// The ids among `ids` not yet terminal (polled once each).

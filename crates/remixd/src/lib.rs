@@ -257,7 +257,7 @@ pub async fn launch_with_listener(
             poll_interval: Duration::from_millis(w.poll_ms),
             fetch_concurrency: w.fetch_concurrency,
             fetch_per_account: w.fetch_per_account() as u32,
-            engine_concurrency: settings.engine.concurrency,
+            engine_concurrency: settings.engine_loops(),
             max_attempts: settings.limits.max_attempts,
             retry_delay: Duration::from_millis(w.retry_delay_ms),
             shutdown_grace: Duration::from_millis(w.shutdown_grace_ms),

@@ -513,6 +513,24 @@ impl Default for WorkerSettings {
     }
 }
 
+impl Settings {
+    /// Tasks a worker process generates at once: `engine.concurrency`, and for the
+    /// upstream engines at least the providers' concurrency together, since their tasks
+    /// mostly wait on the provider (`engine.<provider>.concurrency` is then the knob).
+    pub fn engine_loops(&self) -> usize {
+        let e = &self.engine;
+        let upstream: usize = std::iter::once(&e.kind)
+            .chain(&e.fallback)
+            .filter_map(|k| match k.as_str() {
+                "fal" => Some(e.fal.concurrency),
+                "ideogram" => Some(e.ideogram.concurrency),
+                _ => None,
+            })
+            .sum();
+        e.concurrency.max(upstream)
+    }
+}
+
 impl WorkerSettings {
     /// `fetch_per_account`, or its default: half the fetch slots, at least one.
     pub fn fetch_per_account(&self) -> usize {
@@ -970,6 +988,19 @@ mod tests {
             assert!(Settings::default().check().is_ok());
             Ok(())
         });
+    }
+
+    #[test]
+    fn upstream_engines_generate_as_many_tasks_as_their_providers_take() {
+        let mut s = Settings::default();
+        assert_eq!(s.engine_loops(), 1);
+        s.engine.kind = "fal".into();
+        assert_eq!(s.engine_loops(), 8);
+        s.engine.fallback = vec!["ideogram".into()];
+        s.engine.ideogram.concurrency = 3;
+        assert_eq!(s.engine_loops(), 11);
+        s.engine.concurrency = 20;
+        assert_eq!(s.engine_loops(), 20);
     }
 
     #[test]
