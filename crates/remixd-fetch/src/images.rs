@@ -279,6 +279,12 @@ fn webp_complete(b: &[u8]) -> Result<(), &'static str> {
 /// canvas and an 11535×12328 frame made it allocate 136 MiB (found by the `image` fuzz
 /// target; up to 384 MiB for the largest frame header). Reads chunk headers only; the
 /// file is complete ([`check_complete`] ran first).
+///
+/// Fields are read as the decoder reads them, whatever length a chunk declares: the
+/// `VP8X` header's 10 bytes even from a chunk that says it has 9 (a second fuzzing
+/// find: a 278-byte file whose 9-byte `VP8X` hid its 15×10 canvas from this check
+/// while the decoder used it, and whose 15631×7936 frame asked for 118 MiB). Without a
+/// `VP8X` chunk the decoder's size is the frame's, which [`probe`] holds to the limit.
 fn webp_frames_fit(b: &[u8]) -> Result<(), String> {
     let u24 = |p: &[u8]| u32::from_le_bytes([p[0], p[1], p[2], 0]);
     let mut canvas: Option<(u32, u32)> = None;
@@ -300,7 +306,8 @@ fn webp_frames_fit(b: &[u8]) -> Result<(), String> {
     let mut chunks = Vec::new();
     walk(b, 12, riff_end, &mut chunks);
     for (tag, start, end) in chunks {
-        let p = &b[start..end];
+        // At least the 10 bytes of the header fields, as far as the file goes.
+        let p = &b[start..end.max(start + 10).min(b.len())];
         match tag.as_str() {
             "VP8X" if p.len() >= 10 => canvas = Some((u24(&p[4..]) + 1, u24(&p[7..]) + 1)),
             // A key frame: 3-byte tag, start code 9d 01 2a, then 14-bit width and height.
@@ -316,15 +323,14 @@ fn webp_frames_fit(b: &[u8]) -> Result<(), String> {
             _ => {}
         }
     }
-    let Some((cw, ch)) = canvas else {
-        return Ok(()); // a simple WebP: the frame is the canvas
-    };
-    match frames.into_iter().find(|&(w, h)| w > cw || h > ch) {
-        Some((w, h)) => Err(format!(
-            "its {w}x{h} frame does not fit its {cw}x{ch} canvas"
-        )),
-        None => Ok(()),
+    if let Some((cw, ch)) = canvas {
+        if let Some((w, h)) = frames.iter().copied().find(|&(w, h)| w > cw || h > ch) {
+            return Err(format!(
+                "its {w}x{h} frame does not fit its {cw}x{ch} canvas"
+            ));
+        }
     }
+    Ok(())
 }
 
 /// How far a decoded image may be reduced right after decoding. Never enlarges; the

@@ -459,6 +459,21 @@ fn a_webp_frame_larger_than_its_canvas_is_refused_before_decoding() {
         decode_rgb(&fits, 40_000_000).unwrap().dimensions(),
         (40, 30)
     );
+    // The second find: a `VP8X` chunk declaring 9 bytes (the decoder reads its 10
+    // anyway) with a 15×10 canvas and a 15631×7936 frame asked for 118 MiB.
+    let short = include_bytes!(
+        "../../../../fuzz/regressions/image/webp-vp8x-short-chunk-hides-canvas.webp"
+    );
+    match probe(short, 40_000_000) {
+        Err(FetchError::Decode(m)) => {
+            assert!(
+                m.contains("15631x7936 frame does not fit its 15x10 canvas"),
+                "{m}"
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(decode_rgb(short, 40_000_000).is_err());
     let larger = extended_webp((40, 30), (400, 30));
     match probe(&larger, 40_000_000) {
         Err(FetchError::Decode(m)) => {
