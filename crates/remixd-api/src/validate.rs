@@ -499,7 +499,10 @@ mod tests {
         let body = br#"{"model":"ideogram/character-remix","input":{"prompt":"p","image_url":"https://e.com/b.png","reference_image_urls":["https://e.com/r.png"],"s%2e":1.2555555555555556e+41,"strength":0.35}}"#;
         let first = create_request(body, || 7).unwrap();
         let stored: Value = serde_json::from_str(&first.param).unwrap();
-        assert_eq!(stored["input"]["s%2e"].as_f64(), Some(1.2555555555555556e41));
+        assert_eq!(
+            stored["input"]["s%2e"].as_f64(),
+            Some(1.2555555555555556e41)
+        );
         let again = create_request(first.param.as_bytes(), || 7).unwrap();
         assert_eq!(again, first);
     }

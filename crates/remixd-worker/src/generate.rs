@@ -166,6 +166,18 @@ async fn finish_fail(
     ctx.store
         .fail(&task.id, Some(&ctx.cfg.owner), code, msg, now_millis())
         .await?;
+    // A provider may still be working on a request this task recorded: nobody will
+    // collect it now.
+    if ctx.engine.wants_sources() {
+        if let Ok(Some(handle)) = ctx
+            .store
+            .task(&task.id)
+            .await
+            .map(|t| t.and_then(|t| t.upstream))
+        {
+            ctx.engine.abandon(&handle).await;
+        }
+    }
     ctx.wake.task_finished();
     metrics::counter!("remixd_tasks_finished_total", "state" => "fail", "fail_code" => code.as_str()).increment(1);
     Ok(())

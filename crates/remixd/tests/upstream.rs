@@ -142,6 +142,55 @@ async fn cancelling_a_queued_task_cancels_the_providers_request() {
     srv.stop().await;
 }
 
+#[tokio::test]
+async fn a_task_that_fails_for_good_cancels_the_request_it_left_at_the_provider() {
+    let fal = StandIn::start().await;
+    // Accepted, then every status request fails: unavailable after submission.
+    fal.script(|s| {
+        for _ in 0..1000 {
+            s.fal_status
+                .push_back(remixd_testkit::providers::Reply::Status(
+                    503,
+                    json!({"detail": "down"}),
+                    Some(0),
+                ));
+        }
+    });
+    let srv = TestServer::start_with(|s| {
+        use_fal(s, &fal.base);
+        s.engine.fal.retries = 1;
+        s.limits.max_attempts = 2;
+    })
+    .await;
+    let img = ImageServer::start().await;
+    let before = srv.api.balance().await;
+    let id = srv.api.create_ok(&img.sample_task(json!({}))).await;
+    let rec = srv.api.wait_done(&id, Duration::from_secs(30)).await;
+    assert_eq!(rec["state"], "fail", "{rec}");
+    assert!(
+        rec["failMsg"]
+            .as_str()
+            .unwrap()
+            .contains("after 2 attempts"),
+        "{rec}"
+    );
+    assert_eq!(
+        fal.fal_submits().len(),
+        1,
+        "the retry resumed the same request"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fal.fal_cancels().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the provider's request was left running"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(srv.api.balance().await, before, "refunded");
+    srv.stop().await;
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
