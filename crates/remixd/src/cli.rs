@@ -382,6 +382,20 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 settings.database_url(),
                 settings.storage_url()
             );
+            for (name, p) in [
+                ("fal", &settings.engine.fal),
+                ("ideogram", &settings.engine.ideogram),
+            ] {
+                let kind = remixd_upstream::Kind::parse(name).expect("a provider");
+                let source = if p.key.is_some() {
+                    "the configuration"
+                } else if std::env::var_os(remixd_upstream::key_env(kind)).is_some() {
+                    remixd_upstream::key_env(kind)
+                } else {
+                    continue;
+                };
+                println!("# effective: engine.{name}.key = <redacted> (from {source})");
+            }
             Ok(())
         }
         Command::Engines(EnginesCmd::Check) => {

@@ -334,6 +334,23 @@ async fn config_show_redacts_the_provider_keys() {
     let shown = String::from_utf8(out.stdout).unwrap();
     assert!(!shown.contains("secret-"), "{shown}");
     assert!(shown.contains("<redacted>"), "{shown}");
+    assert!(
+        shown.contains("# effective: engine.fal.key = <redacted> (from the configuration)"),
+        "{shown}"
+    );
+    // A key from the provider's usual variable is said to be there, not shown.
+    let out = Command::new(env!("CARGO_BIN_EXE_remixd"))
+        .args(["config", "show"])
+        .current_dir(dir.path())
+        .env("IDEOGRAM_API_KEY", "ideo-env-secret-777")
+        .output()
+        .unwrap();
+    let shown = String::from_utf8(out.stdout).unwrap();
+    assert!(!shown.contains("ideo-env-secret"), "{shown}");
+    assert!(
+        shown.contains("# effective: engine.ideogram.key = <redacted> (from IDEOGRAM_API_KEY)"),
+        "{shown}"
+    );
 }
 
 // Multi-threaded: the stand-in answers while the test waits on the child process.
