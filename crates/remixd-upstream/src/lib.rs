@@ -401,7 +401,8 @@ impl Engine for Gateway {
                         // The provider holds a request: a retry resumes it there.
                         return out;
                     }
-                    reasons.push(format!("{kind}: {msg}"));
+                    // The provider's messages name it already.
+                    reasons.push(msg.clone());
                     if let Some(next) = self.slots.get(i + 1) {
                         tracing::warn!(task = %job.task_id, from = kind, to = next.provider.kind().name(), reason = %msg, "failing over");
                         metrics::counter!("remixd_upstream_failovers_total", "from" => kind, "to" => next.provider.kind().name())

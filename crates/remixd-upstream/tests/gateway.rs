@@ -604,13 +604,17 @@ async fn failover_moves_tasks_to_the_next_provider_and_the_breaker_probes_after_
     assert_eq!(served_by(&run(&gw).await.unwrap()), "fal");
 
     // Every provider down: the task is unavailable (retried later), each reason named.
-    let gw = gateway(vec![(Kind::Fal, provider(Kind::Fal, &dead))]);
+    let gw = gateway(vec![
+        (Kind::Fal, provider(Kind::Fal, &dead)),
+        (Kind::Ideogram, provider(Kind::Ideogram, &dead)),
+    ]);
     let err = run(&gw).await.unwrap_err();
     let EngineError::Unavailable(msg) = err else {
         panic!("{err:?}")
     };
     assert!(
-        msg.starts_with("fal: fal: submit failed: could not connect"),
+        msg.starts_with("fal: submit failed: could not connect")
+            && msg.contains("; Ideogram: remix failed: could not connect"),
         "{msg}"
     );
 }
