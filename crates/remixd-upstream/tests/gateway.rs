@@ -534,6 +534,8 @@ async fn failover_moves_tasks_to_the_next_provider_and_the_breaker_probes_after_
         go(gw, j).await
     }
 
+    // Cool-downs of 2 s: long enough that a slow machine does not end one between two
+    // runs that must both see the circuit open.
     // Phase 1: fal refuses connections.
     let dead = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -542,7 +544,7 @@ async fn failover_moves_tasks_to_the_next_provider_and_the_breaker_probes_after_
     let mut down = provider(Kind::Fal, &dead);
     down.retries = 1;
     down.breaker_failures = 2;
-    down.breaker_cooldown = Duration::from_millis(600);
+    down.breaker_cooldown = Duration::from_millis(2000);
     let gw = gateway(vec![
         (Kind::Fal, down),
         (Kind::Ideogram, provider(Kind::Ideogram, &ideo.base)),
@@ -566,7 +568,7 @@ async fn failover_moves_tasks_to_the_next_provider_and_the_breaker_probes_after_
     let mut flaky = provider(Kind::Fal, &fal.base);
     flaky.retries = 1;
     flaky.breaker_failures = 2;
-    flaky.breaker_cooldown = Duration::from_millis(600);
+    flaky.breaker_cooldown = Duration::from_millis(2000);
     let gw = gateway(vec![
         (Kind::Fal, flaky),
         (Kind::Ideogram, provider(Kind::Ideogram, &ideo.base)),
@@ -582,7 +584,7 @@ async fn failover_moves_tasks_to_the_next_provider_and_the_breaker_probes_after_
     assert!(gw.circuit_open(Kind::Fal));
     assert_eq!(served_by(&run(&gw).await.unwrap()), "ideogram");
     assert_eq!(fal.fal_submits().len(), 4, "the open circuit skips fal");
-    tokio::time::sleep(Duration::from_millis(650)).await;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
     assert_eq!(served_by(&run(&gw).await.unwrap()), "ideogram");
     assert_eq!(
         fal.fal_submits().len(),
@@ -598,7 +600,7 @@ async fn failover_moves_tasks_to_the_next_provider_and_the_breaker_probes_after_
 
     // fal recovers: the next probe succeeds and closes the circuit.
     fal.script(|s| s.fal_submit.clear());
-    tokio::time::sleep(Duration::from_millis(650)).await;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
     assert_eq!(served_by(&run(&gw).await.unwrap()), "fal");
     assert!(!gw.circuit_open(Kind::Fal));
     assert_eq!(served_by(&run(&gw).await.unwrap()), "fal");
