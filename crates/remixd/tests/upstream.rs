@@ -109,6 +109,72 @@ async fn a_task_runs_on_fal_and_its_images_land_in_remixd_storage() {
 }
 
 #[tokio::test]
+async fn a_task_runs_on_ideogram_with_the_fetched_bytes_and_lands_at_the_presets_size() {
+    let ideo = StandIn::start().await;
+    ideo.script(|s| s.result_size = (1152, 864));
+    let srv = TestServer::start_with(|s| {
+        s.engine.kind = "ideogram".into();
+        s.engine.ideogram.key = Some(remixd::settings::Secret("ideo-e2e-key".into()));
+        s.engine.ideogram.base_url = Some(ideo.base.clone());
+    })
+    .await;
+    let img = ImageServer::start().await;
+    let uploaded = srv.api.upload_ok(samples::COFFEE_WEBP, "base.webp").await;
+    let body = task_body(
+        &uploaded,
+        &img.url("astronaut.webp"),
+        json!({
+            "image_size": "landscape_4_3",
+            "reference_mask_urls": [img.url("mask.png")],
+            "image_urls": [img.url("coffee.webp")],
+            "strength": 0.3,
+        }),
+    );
+    let id = srv.api.create_ok(&body).await;
+    let rec = srv.api.wait_done(&id, Duration::from_secs(30)).await;
+    assert_eq!(rec["state"], "success", "{rec}");
+    let result: Value = serde_json::from_str(rec["resultJson"].as_str().unwrap()).unwrap();
+    assert_eq!(result["provider"], "ideogram");
+    let image = &result["images"][0];
+    assert_eq!(
+        (image["width"].as_u64(), image["height"].as_u64()),
+        (Some(1024), Some(768))
+    );
+    assert_eq!(
+        (
+            image["providerWidth"].as_u64(),
+            image["providerHeight"].as_u64()
+        ),
+        (Some(1152), Some(864))
+    );
+    let stored = reqwest::get(result["resultUrls"][0].as_str().unwrap())
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let shown = image::load_from_memory(&stored).unwrap();
+    assert_eq!((shown.width(), shown.height()), (1024, 768));
+
+    // What Ideogram got: the bytes remixd fetched and stored, as files.
+    let r = &ideo.ideogram_requests()[0];
+    assert_eq!(r.header("api-key").as_deref(), Some("ideo-e2e-key"));
+    assert_eq!(&r.part("image").unwrap().bytes[..], samples::COFFEE_WEBP);
+    assert_eq!(
+        &r.part("character_reference_images").unwrap().bytes[..],
+        samples::ASTRONAUT_WEBP
+    );
+    assert_eq!(
+        &r.parts_named("style_reference_images")[0].bytes[..],
+        samples::COFFEE_WEBP
+    );
+    assert!(r.part("character_reference_images_mask").is_some());
+    assert_eq!(r.part("image_weight").unwrap().text(), "30");
+    assert_eq!(r.part("aspect_ratio").unwrap().text(), "4x3");
+    srv.stop().await;
+}
+
+#[tokio::test]
 async fn cancelling_a_queued_task_cancels_the_providers_request() {
     let fal = StandIn::start().await;
     fal.script(|s| s.fal_sequence = vec!["IN_QUEUE:3".into()]);
