@@ -11,14 +11,6 @@ use std::time::{Duration, Instant};
 use remixd_testkit::{Api, ImageServer};
 use serde_json::{json, Value};
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn write_config(dir: &Path, port: u16) -> std::path::PathBuf {
     let cfg = format!(
         r#"data_dir = "{dir}"
@@ -57,15 +49,6 @@ fn spawn(config: &Path) -> Child {
         .expect("start remixd")
 }
 
-fn signal(child: &Child, sig: &str) {
-    let ok = Command::new("kill")
-        .args([sig, &child.id().to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "kill {sig}");
-}
-
 async fn states(api: &Api, ids: &[String]) -> Vec<Value> {
     let mut out = Vec::new();
     for id in ids {
@@ -79,7 +62,7 @@ async fn states(api: &Api, ids: &[String]) -> Vec<Value> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigkill_at_any_moment_loses_no_task_and_no_credit() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
+    let port = common::free_port();
     let config = write_config(dir.path(), port);
     let img = ImageServer::start().await;
     let base = format!("http://127.0.0.1:{port}");
@@ -145,7 +128,7 @@ async fn sigkill_at_any_moment_loses_no_task_and_no_credit() {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         tokio::time::sleep(Duration::from_millis(kill_after_ms)).await;
-        signal(&child, "-KILL");
+        common::signal(&child, "-KILL");
         child.wait().unwrap();
         tokio::time::sleep(Duration::from_millis(300)).await;
         stop.cancel();
@@ -215,7 +198,7 @@ async fn sigkill_at_any_moment_loses_no_task_and_no_credit() {
             );
         }
     }
-    signal(&child, "-KILL");
+    common::signal(&child, "-KILL");
     child.wait().unwrap();
     eprintln!(
         "{} tasks accepted across 3 kills; {successes} succeeded",
@@ -226,7 +209,7 @@ async fn sigkill_at_any_moment_loses_no_task_and_no_credit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_drains_and_exits_cleanly() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
+    let port = common::free_port();
     let config = write_config(dir.path(), port);
     let img = ImageServer::start().await;
     let base = format!("http://127.0.0.1:{port}");
@@ -247,7 +230,7 @@ async fn sigterm_drains_and_exits_cleanly() {
         assert!(Instant::now() < deadline);
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    signal(&child, "-TERM");
+    common::signal(&child, "-TERM");
     let started = Instant::now();
     let status = child.wait().unwrap();
     assert!(status.success(), "SIGTERM exits 0: {status:?}");
@@ -264,6 +247,6 @@ async fn sigterm_drains_and_exits_cleanly() {
         assert_eq!(d["state"], "success", "{d}");
     }
     assert_eq!(api.balance().await, 1000 - 4 * 54);
-    signal(&child, "-KILL");
+    common::signal(&child, "-KILL");
     child.wait().unwrap();
 }

@@ -454,14 +454,6 @@ async fn streams_share_a_watcher_get_every_change_and_are_capped_per_key() {
 // ---------------------------------------------------------------------------------
 // The real binary: a connection flood under a low open-files limit, and SIGTERM.
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// A config file: `server` keys, `worker` keys and further tables are the test's.
 fn write_config(dir: &Path, port: u16, server: &str, worker: &str, more: &str) -> PathBuf {
     let cfg = format!(
@@ -537,15 +529,6 @@ fn read_log(log: &Path) -> String {
     out
 }
 
-fn signal(child: &Child, sig: &str) {
-    let ok = Command::new("kill")
-        .args([sig, &child.id().to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "kill {sig}");
-}
-
 fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
     let deadline = Instant::now() + limit;
     loop {
@@ -553,7 +536,7 @@ fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
             return status;
         }
         if Instant::now() > deadline {
-            signal(child, "-KILL");
+            common::signal(child, "-KILL");
             panic!("remixd did not exit within {limit:?}");
         }
         std::thread::sleep(Duration::from_millis(20));
@@ -597,7 +580,7 @@ async fn a_flood_of_unfinished_connections_cannot_starve_healthz_or_createtask()
     const HEADER_MS: u64 = 1_000;
     const BODY_MS: u64 = 2_000;
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
+    let port = common::free_port();
     let config = write_config(
         dir.path(),
         port,
@@ -700,7 +683,7 @@ async fn a_flood_of_unfinished_connections_cannot_starve_healthz_or_createtask()
         let d = client.wait_done(id, Duration::from_secs(60)).await;
         assert_eq!(d["state"], "success", "{d}");
     }
-    signal(&child.0, "-TERM");
+    common::signal(&child.0, "-TERM");
     assert!(wait_exit(&mut child.0, Duration::from_secs(20)).success());
     let logged = read_log(&log);
     assert!(
@@ -712,7 +695,7 @@ async fn a_flood_of_unfinished_connections_cannot_starve_healthz_or_createtask()
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_ends_open_streams_and_the_drain_has_a_deadline() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
+    let port = common::free_port();
     let config = write_config(
         dir.path(),
         port,
@@ -755,7 +738,7 @@ async fn sigterm_ends_open_streams_and_the_drain_has_a_deadline() {
     assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 100 Continue"));
     held.write_all(b"{\"model\":").await.unwrap();
 
-    signal(&child.0, "-TERM");
+    common::signal(&child.0, "-TERM");
     let termed = Instant::now();
     let stream_end = tokio::spawn(async move {
         loop {

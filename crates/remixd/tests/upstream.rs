@@ -30,7 +30,7 @@ fn use_fal(s: &mut remixd::settings::Settings, base: &str) {
 async fn a_task_runs_on_fal_and_its_images_land_in_remixd_storage() {
     let fal = StandIn::start().await;
     fal.script(|s| s.fetch_inputs = true);
-    let metrics_port = free_port();
+    let metrics_port = common::free_port();
     let srv = TestServer::start_with(|s| {
         use_fal(s, &fal.base);
         s.server.metrics_listen = Some(format!("127.0.0.1:{metrics_port}"));
@@ -257,14 +257,6 @@ async fn a_task_that_fails_for_good_cancels_the_request_it_left_at_the_provider(
     srv.stop().await;
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn spawn(dir: &Path, port: u16, provider: &str, log: &Path) -> Child {
     let cfg = format!(
         r#"data_dir = "{dir}"
@@ -310,7 +302,7 @@ async fn a_worker_killed_while_waiting_on_the_provider_resumes_the_same_request(
     let img = ImageServer::start().await;
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("remixd.log");
-    let port = free_port();
+    let port = common::free_port();
     let base = format!("http://127.0.0.1:{port}");
     let mut child = spawn(dir.path(), port, &fal.base, &log);
     let api = common::ready_client(&base, dir.path()).await;
@@ -441,7 +433,7 @@ async fn engines_check_says_what_works() {
         stdout.contains("fal: ok: reachable, key accepted"),
         "{stdout}"
     );
-    let dead = format!("http://127.0.0.1:{}", free_port());
+    let dead = format!("http://127.0.0.1:{}", common::free_port());
     let out = Command::new(env!("CARGO_BIN_EXE_remixd"))
         .args(["engines", "check"])
         .current_dir(dir.path())

@@ -124,3 +124,22 @@ pub async fn ready_client(base: &str, data_dir: &std::path::Path) -> Api {
         .to_string();
     Api::new(base, &key)
 }
+
+/// A loopback port free at the time of asking (for a process started with it).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Sends `sig` (`-TERM`, `-KILL`, …) to a child process.
+pub fn signal(child: &std::process::Child, sig: &str) {
+    let ok = std::process::Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill {sig}");
+}
