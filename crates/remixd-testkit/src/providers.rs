@@ -240,6 +240,27 @@ fn record(
     });
 }
 
+/// Records a GET, then answers the next scripted reply of `queue`, if any.
+async fn seen_get(
+    inner: &Inner,
+    path: String,
+    headers: &HeaderMap,
+    queue: fn(&mut Script) -> &mut VecDeque<Reply>,
+) -> Option<Response> {
+    record(inner, "GET", path, headers, None, vec![]);
+    let reply = queue(&mut inner.script.lock().unwrap()).pop_front();
+    scripted(reply).await
+}
+
+/// fal's answer for a request id it does not know.
+fn request_not_found() -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        axum::Json(json!({"detail": "Request not found"})),
+    )
+        .into_response()
+}
+
 /// The next scripted reply of a queue, if any.
 async fn scripted(reply: Option<Reply>) -> Option<Response> {
     match reply? {
@@ -322,26 +343,14 @@ async fn fal_status(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    record(
-        &inner,
-        "GET",
-        format!("/fal-ai/ideogram/requests/{id}/status"),
-        &headers,
-        None,
-        vec![],
-    );
-    let reply = inner.script.lock().unwrap().fal_status.pop_front();
-    if let Some(r) = scripted(reply).await {
+    let path = format!("/fal-ai/ideogram/requests/{id}/status");
+    if let Some(r) = seen_get(&inner, path, &headers, |s| &mut s.fal_status).await {
         return r;
     }
     let step = {
         let mut reqs = inner.requests.lock().unwrap();
         let Some(r) = reqs.get_mut(&id) else {
-            return (
-                StatusCode::NOT_FOUND,
-                axum::Json(json!({"detail": "Request not found"})),
-            )
-                .into_response();
+            return request_not_found();
         };
         r.0 += 1;
         r.0 - 1
@@ -414,24 +423,12 @@ async fn fal_result(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    record(
-        &inner,
-        "GET",
-        format!("/fal-ai/ideogram/requests/{id}"),
-        &headers,
-        None,
-        vec![],
-    );
-    let reply = inner.script.lock().unwrap().fal_result.pop_front();
-    if let Some(r) = scripted(reply).await {
+    let path = format!("/fal-ai/ideogram/requests/{id}");
+    if let Some(r) = seen_get(&inner, path, &headers, |s| &mut s.fal_result).await {
         return r;
     }
     let Some((_, n)) = inner.requests.lock().unwrap().get(&id).cloned() else {
-        return (
-            StatusCode::NOT_FOUND,
-            axum::Json(json!({"detail": "Request not found"})),
-        )
-            .into_response();
+        return request_not_found();
     };
     let base = inner.base.lock().unwrap().clone();
     let (w, h) = inner.script.lock().unwrap().result_size;

@@ -60,6 +60,11 @@ fn source(role: InputRole, field: &str, url: &str, bytes: &'static [u8]) -> Sour
     }
 }
 
+/// A gateway to one provider, the stand-in, with the tests' settings.
+fn only(kind: Kind, stand_in: &StandIn) -> Gateway {
+    gateway(vec![(kind, provider(kind, &stand_in.base))])
+}
+
 /// A job with a mask and two style images; checkpoints land in `saved`.
 fn job(n: i64, size: ImageSize, saved: &Arc<Mutex<Vec<String>>>) -> Job {
     let saved = saved.clone();
@@ -135,7 +140,7 @@ async fn go(gw: &Gateway, j: Job) -> Result<Vec<remixd_engine::EngineImage>, Eng
 #[tokio::test]
 async fn fal_submits_the_documented_input_follows_the_queue_and_copies_the_images() {
     let fal = StandIn::start().await;
-    let gw = gateway(vec![(Kind::Fal, provider(Kind::Fal, &fal.base))]);
+    let gw = only(Kind::Fal, &fal);
     let saved = Arc::new(Mutex::new(Vec::new()));
     let (progress, log) = progress_log();
     let images = gw
@@ -276,7 +281,7 @@ async fn fal_validation_errors_fail_the_task_with_the_providers_message_and_no_k
             None,
         ))
     });
-    let gw = gateway(vec![(Kind::Fal, provider(Kind::Fal, &fal.base))]);
+    let gw = only(Kind::Fal, &fal);
     let saved = Arc::new(Mutex::new(Vec::new()));
     let err = go(&gw, job(1, ImageSize::Square, &saved))
         .await
@@ -297,7 +302,7 @@ async fn fal_validation_errors_fail_the_task_with_the_providers_message_and_no_k
 async fn a_result_that_cannot_be_downloaded_is_retried_then_fails_the_task() {
     let fal = StandIn::start().await;
     fal.script(|s| s.results_404 = true);
-    let gw = gateway(vec![(Kind::Fal, provider(Kind::Fal, &fal.base))]);
+    let gw = only(Kind::Fal, &fal);
     let saved = Arc::new(Mutex::new(Vec::new()));
     let err = go(&gw, job(1, ImageSize::Square, &saved))
         .await
@@ -353,7 +358,7 @@ async fn a_provider_that_hangs_past_the_task_timeout_fails_the_task_and_is_cance
 async fn a_cancelled_task_stops_at_once_and_abandon_cancels_the_queued_request() {
     let fal = StandIn::start().await;
     fal.script(|s| s.fal_sequence = vec!["IN_QUEUE:5".into()]);
-    let gw = Arc::new(gateway(vec![(Kind::Fal, provider(Kind::Fal, &fal.base))]));
+    let gw = Arc::new(only(Kind::Fal, &fal));
     let saved = Arc::new(Mutex::new(Vec::new()));
     let cancel = CancellationToken::new();
     let run = tokio::spawn({
@@ -391,12 +396,12 @@ async fn a_cancelled_task_stops_at_once_and_abandon_cancels_the_queued_request()
 #[tokio::test]
 async fn a_recorded_request_is_resumed_never_submitted_again() {
     let fal = StandIn::start().await;
-    let gw = gateway(vec![(Kind::Fal, provider(Kind::Fal, &fal.base))]);
+    let gw = only(Kind::Fal, &fal);
     let saved = Arc::new(Mutex::new(Vec::new()));
     fal.script(|s| s.hold = true);
     let first = tokio::spawn({
         let j = job(1, ImageSize::Square, &saved);
-        let gw = gateway(vec![(Kind::Fal, provider(Kind::Fal, &fal.base))]);
+        let gw = only(Kind::Fal, &fal);
         async move { go(&gw, j).await }
     });
     while fal.status_polls("req-0") < 1 {
@@ -417,7 +422,7 @@ async fn a_recorded_request_is_resumed_never_submitted_again() {
 async fn ideogram_gets_the_files_and_the_documented_parts() {
     let ideo = StandIn::start().await;
     ideo.script(|s| s.result_size = (896, 1152));
-    let gw = gateway(vec![(Kind::Ideogram, provider(Kind::Ideogram, &ideo.base))]);
+    let gw = only(Kind::Ideogram, &ideo);
     let saved = Arc::new(Mutex::new(Vec::new()));
     let images = go(&gw, job(2, ImageSize::Portrait4_3, &saved))
         .await
@@ -478,7 +483,7 @@ async fn ideogram_gets_the_files_and_the_documented_parts() {
 async fn ideogram_unsafe_images_and_refusals_fail_the_task_with_a_sentence() {
     let ideo = StandIn::start().await;
     ideo.script(|s| s.unsafe_images = true);
-    let gw = gateway(vec![(Kind::Ideogram, provider(Kind::Ideogram, &ideo.base))]);
+    let gw = only(Kind::Ideogram, &ideo);
     let saved = Arc::new(Mutex::new(Vec::new()));
     let err = go(&gw, job(1, ImageSize::Square, &saved))
         .await
@@ -673,7 +678,7 @@ async fn inputs_with_an_exif_rotation_reach_the_provider_upright() {
     let saved = Arc::new(Mutex::new(Vec::new()));
 
     let fal = StandIn::start().await;
-    let gw = gateway(vec![(Kind::Fal, provider(Kind::Fal, &fal.base))]);
+    let gw = only(Kind::Fal, &fal);
     go(&gw, with_rotated_base(&saved)).await.unwrap();
     let sent = fal.fal_submits()[0].json.clone().unwrap();
     let uri = sent["image_url"].as_str().unwrap();
@@ -691,7 +696,7 @@ async fn inputs_with_an_exif_rotation_reach_the_provider_upright() {
     );
 
     let ideo = StandIn::start().await;
-    let gw = gateway(vec![(Kind::Ideogram, provider(Kind::Ideogram, &ideo.base))]);
+    let gw = only(Kind::Ideogram, &ideo);
     go(&gw, with_rotated_base(&saved)).await.unwrap();
     let part = ideo.ideogram_requests()[0].part("image").unwrap().clone();
     assert_eq!(part.content_type.as_deref(), Some("image/png"));
