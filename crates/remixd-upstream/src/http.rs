@@ -108,19 +108,18 @@ impl Caller {
                 r = send(make()) => r,
             };
             let (reason, retry_after) = match outcome {
-                Ok(a)
+                Ok((a, after))
                     if a.status == StatusCode::TOO_MANY_REQUESTS || a.status.is_server_error() =>
                 {
                     count(self.name, a.status.as_str());
-                    let after = a.retry_after;
                     (
-                        format!("{what} answered {}{}", a.status, detail(&a.answer.body)),
+                        format!("{what} answered {}{}", a.status, detail(&a.body)),
                         after,
                     )
                 }
-                Ok(a) => {
+                Ok((a, _)) => {
                     count(self.name, a.status.as_str());
-                    return Ok(a.answer);
+                    return Ok(a);
                 }
                 Err(e) => {
                     count(self.name, "error");
@@ -147,20 +146,8 @@ impl Caller {
     }
 }
 
-struct Sent {
-    status: StatusCode,
-    retry_after: Option<Duration>,
-    answer: Answer,
-}
-
-impl std::ops::Deref for Sent {
-    type Target = Answer;
-    fn deref(&self) -> &Answer {
-        &self.answer
-    }
-}
-
-async fn send(req: RequestBuilder) -> Result<Sent, String> {
+/// One exchange: the answer, and its `Retry-After` in seconds when it has one.
+async fn send(req: RequestBuilder) -> Result<(Answer, Option<Duration>), String> {
     let mut resp = req.send().await.map_err(describe)?;
     let status = resp.status();
     let retry_after = resp
@@ -176,14 +163,13 @@ async fn send(req: RequestBuilder) -> Result<Sent, String> {
         }
         body.extend_from_slice(&chunk);
     }
-    Ok(Sent {
-        status,
-        retry_after,
-        answer: Answer {
+    Ok((
+        Answer {
             status,
             body: body.into(),
         },
-    })
+        retry_after,
+    ))
 }
 
 /// A transport error in words, without the URL (which may hold a signed query).

@@ -45,6 +45,14 @@ pub fn image_weight(strength: f64) -> u32 {
     ((strength * 100.0).round() as i64).clamp(1, 100) as u32
 }
 
+/// The inputs sent as files, found once per task.
+struct Files<'a> {
+    base: &'a Source,
+    character: &'a Source,
+    /// The mask as Ideogram wants it ([`mask_for_reference`]).
+    mask: Option<bytes::Bytes>,
+}
+
 pub struct Ideogram {
     caller: Caller,
     fetcher: remixd_fetch::Fetcher,
@@ -65,22 +73,18 @@ impl Ideogram {
     }
 
     /// The multipart form, built anew for each attempt.
-    fn form(&self, run: &Run<'_>, mask: Option<&bytes::Bytes>) -> Result<Form, EngineError> {
+    fn form(&self, run: &Run<'_>, files: &Files<'_>) -> Form {
         let job = run.job;
         let file = |s: &Source, name: &str| {
-            let kind = remixd_fetch::sniff(&s.bytes);
-            let ext = match kind {
-                Some(remixd_fetch::ImageKind::Jpeg) => "jpg",
-                Some(remixd_fetch::ImageKind::Webp) => "webp",
-                _ => "png",
-            };
+            // The fetch stage accepted only JPEG, PNG and WebP.
+            let kind = remixd_fetch::sniff(&s.bytes).unwrap_or(remixd_fetch::ImageKind::Png);
             Part::stream(reqwest::Body::from(s.bytes.clone()))
-                .file_name(format!("{name}.{ext}"))
-                .mime_str(kind.map_or("image/png", |k| k.mime()))
+                .file_name(format!("{name}.{}", kind.extension()))
+                .mime_str(kind.mime())
                 .expect("a valid mime type")
         };
         let mut form = Form::new()
-            .part("image", file(run.source(InputRole::Base)?, "image"))
+            .part("image", file(files.base, "image"))
             .text("prompt", job.prompt.clone())
             .text("image_weight", image_weight(job.strength.get()).to_string())
             .text("seed", job.seed.get().to_string())
@@ -92,12 +96,12 @@ impl Ideogram {
             .text("style_type", job.style.as_str())
             .part(
                 "character_reference_images",
-                file(run.source(InputRole::Character)?, "character"),
+                file(files.character, "character"),
             );
         if !job.negative_prompt.is_empty() {
             form = form.text("negative_prompt", job.negative_prompt.clone());
         }
-        if let Some(m) = mask {
+        if let Some(m) = &files.mask {
             form = form.part(
                 "character_reference_images_mask",
                 Part::stream(reqwest::Body::from(m.clone()))
@@ -109,7 +113,7 @@ impl Ideogram {
         for (i, s) in run.sources(InputRole::Style).enumerate() {
             form = form.part("style_reference_images", file(s, &format!("style-{i}")));
         }
-        Ok(form)
+        form
     }
 
     fn refused(&self, status: reqwest::StatusCode, body: &[u8]) -> EngineError {
@@ -176,12 +180,13 @@ impl crate::Provider for Ideogram {
         _resume: Option<Handle>,
     ) -> Result<Vec<EngineImage>, EngineError> {
         let max_pixels = self.fetcher.config().max_pixels;
+        let (base, character) = (
+            run.source(InputRole::Base)?,
+            run.source(InputRole::Character)?,
+        );
         let mask = match run.sources(InputRole::Mask).next() {
             Some(m) => {
-                let (m, r) = (
-                    m.bytes.clone(),
-                    run.source(InputRole::Character)?.bytes.clone(),
-                );
+                let (m, r) = (m.bytes.clone(), character.bytes.clone());
                 let png =
                     tokio::task::spawn_blocking(move || mask_for_reference(&m, &r, max_pixels))
                         .await
@@ -193,8 +198,11 @@ impl crate::Provider for Ideogram {
             }
             None => None,
         };
-        // Built once to report bad inputs before the first attempt.
-        self.form(run, mask.as_ref())?;
+        let files = Files {
+            base,
+            character,
+            mask,
+        };
         (run.progress)(10);
         let url = self.url();
         let a = self
@@ -206,7 +214,7 @@ impl crate::Provider for Ideogram {
                         .client
                         .post(&url)
                         .header("Api-Key", &self.caller.cfg.key)
-                        .multipart(self.form(run, mask.as_ref()).expect("built once already"))
+                        .multipart(self.form(run, &files))
                 },
                 run.deadline,
                 run.cancel,
