@@ -10,7 +10,6 @@
 //! own, or signed links to this server's files on `server.public_url`; with
 //! `engine.fal.inline_inputs` every input goes as a `data:` URI of its bytes instead.
 
-use base64::Engine as _;
 use remixd_engine::{EngineError, EngineImage, InputRole, ProviderImage};
 use serde_json::{json, Value};
 use tokio::time::Instant;
@@ -49,11 +48,7 @@ impl Fal {
     pub fn input(&self, run: &Run<'_>) -> Result<Value, EngineError> {
         let url = |s: &remixd_engine::Source| {
             if self.caller.cfg.inline_inputs {
-                let mime = remixd_fetch::sniff(&s.bytes).map_or("image/png", |k| k.mime());
-                format!(
-                    "data:{mime};base64,{}",
-                    base64::engine::general_purpose::STANDARD.encode(&s.bytes)
-                )
+                crate::data_uri(&s.bytes)
             } else {
                 s.url.clone()
             }

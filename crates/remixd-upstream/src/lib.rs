@@ -431,7 +431,6 @@ impl Engine for Gateway {
 /// re-encoded as PNG, and passed as a `data:` URI (the client's URL still serves the
 /// stored orientation, and providers differ in whether they read EXIF).
 pub async fn upright_sources(job: &mut Job, max_pixels: u64) -> Result<(), EngineError> {
-    use base64::Engine as _;
     for s in &mut job.upstream.sources {
         if !remixd_fetch::needs_orientation(&s.bytes) {
             continue;
@@ -451,13 +450,20 @@ pub async fn upright_sources(job: &mut Job, max_pixels: u64) -> Result<(), Engin
         .await
         .map_err(|e| EngineError::Internal(e.to_string()))?
         .map_err(|e| EngineError::BadInput(format!("{} {e}", s.field)))?;
-        s.url = format!(
-            "data:image/png;base64,{}",
-            base64::engine::general_purpose::STANDARD.encode(&png)
-        );
+        s.url = data_uri(&png);
         s.bytes = png.into();
     }
     Ok(())
+}
+
+/// A `data:` URI of an image's bytes, its type taken from the bytes.
+pub(crate) fn data_uri(bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    let mime = remixd_fetch::sniff(bytes).map_or("image/png", |k| k.mime());
+    format!(
+        "data:{mime};base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(bytes)
+    )
 }
 
 /// Whether `url` is on the origin (scheme, host, port) of `base`: the only URLs a
