@@ -116,6 +116,90 @@ pub(crate) fn weights(
     Ok((vb, file))
 }
 
+/// A large component's weights (FLUX.2's transformer and text encoder), one file or the
+/// shards `<stem>.safetensors.index.json` names, as a VarBuilder that hands tensors out
+/// in `storage`: see [`storage_dtype`]. Returns the first file, for error messages.
+pub(crate) fn weights_stored(
+    dir: &Path,
+    stem: &str,
+    compute: DType,
+    device: &Device,
+) -> Result<(VarBuilder<'static>, DType, PathBuf)> {
+    let files = weight_files(dir, stem)?;
+    let storage = storage_dtype(&files, compute)?;
+    // SAFETY: as in `weights`: read-only maps of files nobody truncates while loading.
+    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, storage, device) }
+        .context(|| format!("reading {}", files[0].display()))?;
+    Ok((vb, storage, files[0].clone()))
+}
+
+/// The dtype a large model's linear weights are kept in: their on-disk half precision
+/// when they are stored in f16 or bf16 and `compute` is wider (widened for each product
+/// by `linear::Linear`), otherwise `compute`.
+pub(crate) fn storage_dtype(files: &[PathBuf], compute: DType) -> Result<DType> {
+    // SAFETY: read-only maps, as above; only the headers are read here.
+    let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(files) }
+        .context(|| format!("reading {}", files[0].display()))?;
+    let mut half = None;
+    for (_, view) in st.tensors() {
+        match view.dtype() {
+            safetensors::Dtype::BF16 => half = Some(DType::BF16),
+            safetensors::Dtype::F16 => half = Some(DType::F16),
+            _ => return Ok(compute),
+        }
+    }
+    Ok(match half {
+        Some(h) if compute.size_in_bytes() > h.size_in_bytes() => h,
+        _ => compute,
+    })
+}
+
+/// The weight files of a component: `<stem>.safetensors` (or its `fp16` variant), or
+/// every shard named by `<stem>.safetensors.index.json`.
+pub(crate) fn weight_files(dir: &Path, stem: &str) -> Result<Vec<PathBuf>> {
+    let index = dir.join(format!("{stem}.safetensors.index.json"));
+    if !index.is_file() {
+        return Ok(vec![weights_file(dir, stem)?]);
+    }
+    let json: Value = read_json(&index)?;
+    let map = json
+        .get("weight_map")
+        .and_then(Value::as_object)
+        .ok_or_else(|| Error::BadConfig {
+            path: index.clone(),
+            reason: "no `weight_map` object".into(),
+        })?;
+    let mut files: Vec<PathBuf> = Vec::new();
+    for shard in map.values() {
+        let name = shard.as_str().ok_or_else(|| Error::BadConfig {
+            path: index.clone(),
+            reason: "a `weight_map` value is not a file name".into(),
+        })?;
+        // A shard is a plain file name next to the index, never a path elsewhere.
+        if name.contains(['/', '\\']) || name.starts_with('.') {
+            return Err(Error::BadConfig {
+                path: index.clone(),
+                reason: format!("shard {name:?} is not a file name in the same folder"),
+            });
+        }
+        let file = dir.join(name);
+        if !files.contains(&file) {
+            if !file.is_file() {
+                return Err(Error::MissingFile(file));
+            }
+            files.push(file);
+        }
+    }
+    if files.is_empty() {
+        return Err(Error::BadConfig {
+            path: index,
+            reason: "`weight_map` names no file".into(),
+        });
+    }
+    files.sort();
+    Ok(files)
+}
+
 fn weights_file(dir: &Path, stem: &str) -> Result<PathBuf> {
     for name in [
         format!("{stem}.safetensors"),
