@@ -24,5 +24,5 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
 echo "== writing $fixtures"
 start=$(date +%s)
-"$SD_ORACLE_PYTHON" scripts/sd-oracle/make_fixtures.py --out "$fixtures"
+"$SD_ORACLE_PYTHON" scripts/sd-oracle/make_fixtures.py --out "$fixtures" "$@"
 echo "== done in $(($(date +%s) - start)) s; $(du -sh "$fixtures" | cut -f1) in $fixtures"

@@ -50,6 +50,8 @@ from diffusers import (  # noqa: E402
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, CLIPTokenizerFast  # noqa: E402
 
+import flux2_fixtures  # noqa: E402  (this folder's FLUX.2 [klein] half)
+
 # --------------------------------------------------------------------------------------
 # Determinism
 
@@ -410,6 +412,7 @@ def install_tape() -> list[str]:
 
     # Import the modules that draw, so that their `randn_tensor` names exist to patch.
     import diffusers.models.autoencoders.vae  # noqa: F401
+    import diffusers.pipelines.flux2.pipeline_flux2_klein_inpaint  # noqa: F401
     import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img  # noqa: F401
     import diffusers.schedulers.scheduling_ddim  # noqa: F401
     import diffusers.schedulers.scheduling_dpmsolver_multistep  # noqa: F401
@@ -689,7 +692,9 @@ def reference(name: str, model_dir: Path, out: dict, meta: dict, unet_timestep: 
 
 def model_summary(model_dir: Path) -> dict:
     summary = {}
-    for comp in ("unet", "vae", "text_encoder"):
+    for comp in ("unet", "transformer", "vae", "text_encoder"):
+        if not (model_dir / comp).is_dir():
+            continue
         files = sorted((model_dir / comp).glob("*.safetensors"))
         n = 0
         dtypes = set()
@@ -711,6 +716,7 @@ def model_summary(model_dir: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True, type=Path, help="the fixtures directory")
+    ap.add_argument("--only", choices=["sd", "flux2"], help="rewrite one family's fixtures only")
     args = ap.parse_args()
     out_dir: Path = args.out
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -720,6 +726,8 @@ def main() -> None:
         ("tiny-sd1", build_sd1, "<|endoftext|>", torch.float32, 500.0, False),
         ("tiny-sd2", build_sd2, "!", torch.float16, 437.5, True),
     ]
+    if args.only == "flux2":
+        models = []
     for name, build, pad, disk_dtype, unet_t, turbo in models:
         tok = make_tokenizer(pad)
         unet, vae, text, scheduler = build(tok)
@@ -746,33 +754,48 @@ def main() -> None:
             "model_dir": name,
             "weights_dtype_on_disk": str(disk_dtype).replace("torch.", ""),
             "compute_dtype": "float32",
-            "versions": {
-                "python": platform.python_version(),
-                "torch": torch.__version__,
-                "diffusers": diffusers.__version__,
-                "transformers": transformers.__version__,
-                "safetensors": safetensors.__version__,
-                "numpy": np.__version__,
-            },
+            "versions": versions(),
             "randn_tensor_patched_in": patched,
         }
         reference(name, model_dir, tensors, meta, unet_t, turbo)
-        meta["model_summary"] = model_summary(model_dir)
-        tensors = {k: v.detach().cpu().clone().contiguous() for k, v in sorted(tensors.items())}
-        for k, v in tensors.items():
-            assert v.dtype in (torch.float32, torch.int64), (k, v.dtype)
-            assert torch.isfinite(v.float()).all(), k
-        save_file(tensors, out_dir / f"reference-{name}.safetensors", metadata={"model": name})
-        meta["tensors"] = {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")} for k, v in tensors.items()}
-        # Strict JSON (no Infinity/NaN literals, which Rust's and most parsers refuse):
-        # non-finite numbers, such as a config's -inf, are written as strings.
-        meta = finite_json(meta)
-        (out_dir / f"reference-{name}.json").write_text(
-            json.dumps(meta, indent=1, ensure_ascii=False, allow_nan=False) + "\n", encoding="utf-8"
-        )
-        print(f"{name}: {len(tensors)} reference tensors")
+        write_reference(out_dir, name, model_dir, tensors, meta)
 
-    synthetic_image(64).save(out_dir / "input-64.png")
+    if args.only != "flux2":
+        synthetic_image(64).save(out_dir / "input-64.png")
+    if args.only != "sd":
+        model_dir, tensors, meta = flux2_fixtures.make(out_dir, randomise, TAPE)
+        meta["versions"] = versions()
+        meta["randn_tensor_patched_in"] = patched
+        write_reference(out_dir, flux2_fixtures.NAME, model_dir, tensors, meta)
+
+
+def versions() -> dict:
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "safetensors": safetensors.__version__,
+        "numpy": np.__version__,
+    }
+
+
+def write_reference(out_dir: Path, name: str, model_dir: Path, tensors: dict, meta: dict) -> None:
+    """Writes `reference-<name>.safetensors` and its JSON sidecar."""
+    meta["model_summary"] = model_summary(model_dir)
+    tensors = {k: v.detach().cpu().clone().contiguous() for k, v in sorted(tensors.items())}
+    for k, v in tensors.items():
+        assert v.dtype in (torch.float32, torch.int64), (k, v.dtype)
+        assert torch.isfinite(v.float()).all(), k
+    save_file(tensors, out_dir / f"reference-{name}.safetensors", metadata={"model": name})
+    meta["tensors"] = {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")} for k, v in tensors.items()}
+    # Strict JSON (no Infinity/NaN literals, which Rust's and most parsers refuse):
+    # non-finite numbers, such as a config's -inf, are written as strings.
+    meta = finite_json(meta)
+    (out_dir / f"reference-{name}.json").write_text(
+        json.dumps(meta, indent=1, ensure_ascii=False, allow_nan=False) + "\n", encoding="utf-8"
+    )
+    print(f"{name}: {len(tensors)} reference tensors")
 
 
 if __name__ == "__main__":
