@@ -1,13 +1,16 @@
-//! The `local` engine: remixd's [`Engine`] over the Stable Diffusion img2img pipeline.
+//! The `local` engine: remixd's [`Engine`] over the model family its directory holds.
 //!
-//! What it adds to the pipeline is the task's vocabulary: the generation size (the
+//! What it adds to the pipelines is the task's vocabulary: the generation size (the
 //! model's native pixel budget at the target's aspect ratio, resized to the requested
-//! size at the end), the step count per `rendering_speed`, the strength curve, the
-//! style presets, one seed per image, progress and cancellation.
+//! size at the end), the step count and guidance per `rendering_speed` and family, the
+//! strength curve, the style presets, one seed per image, progress and cancellation.
 //!
-//! The pipeline is plain img2img of the base image with the prompt so far: the character
-//! reference, its mask and the style images are not used yet (attention sharing comes
-//! next), and the README says so.
+//! - Stable Diffusion 1.x/2.x: plain img2img of the base image with the prompt; the
+//!   character reference, its mask and the style images are not used (the README says
+//!   so).
+//! - FLUX.2 [klein]: the character remix. The base image is the pipeline's image, the
+//!   character (its mask applied, see [`crate::flux2::inputs`]) the first reference
+//!   image, the style images further references.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -21,7 +24,10 @@ use remixd_engine::{
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::model::StableDiffusion;
+use crate::flux2::inputs::{masked_character, sized_reference};
+use crate::flux2::pipeline::{RemixInputs, RemixParams};
+use crate::flux2::{Flux2Klein, DEFAULT_TEXT_LAYERS};
+use crate::model::{Family, StableDiffusion};
 use crate::noise::SeededNoise;
 use crate::pipeline::{generation_size, image_to_tensor, tensor_to_image, Img2ImgParams};
 use crate::scheduler::SchedulerKind;
@@ -34,13 +40,20 @@ pub struct LocalConfig {
     /// `cpu`, or `cuda:N` in a build with the `cuda` feature.
     pub device: String,
     /// Full-schedule steps for TURBO, BALANCED, QUALITY (img2img runs the strength's
-    /// share of them).
-    pub steps: [usize; 3],
-    /// Classifier-free guidance; 1 or less turns it off (SD-Turbo).
-    pub guidance_scale: f64,
-    /// The scheduler; `None` takes the model's own (PNDM, which remixd does not
+    /// share of them); `None` takes the family's preset ([`Presets`]).
+    pub steps: Option<[usize; 3]>,
+    /// Classifier-free guidance; 1 or less turns it off (SD-Turbo, distilled klein);
+    /// `None` takes the family's preset.
+    pub guidance_scale: Option<f64>,
+    /// SD only: the scheduler; `None` takes the model's own (PNDM, which remixd does not
     /// implement, runs as DDIM over the same schedule).
     pub scheduler: Option<SchedulerKind>,
+    /// FLUX.2 only: the text encoder's hidden states the prompt embeddings stack.
+    pub text_layers: Vec<usize>,
+    /// The side of the square whose pixel count images are generated at (then resized
+    /// to the requested size); `None` takes the model's native one (512 for SD 1.5,
+    /// 1024 for klein). Smaller is faster on a CPU, at some cost in detail.
+    pub native_side: Option<u32>,
 }
 
 impl LocalConfig {
@@ -48,19 +61,56 @@ impl LocalConfig {
         Self {
             model_dir,
             device: "cpu".into(),
-            steps: [12, 25, 40],
-            guidance_scale: 7.5,
+            steps: None,
+            guidance_scale: None,
             scheduler: None,
+            text_layers: DEFAULT_TEXT_LAYERS.to_vec(),
+            native_side: None,
         }
     }
+}
+
+/// Steps (TURBO, BALANCED, QUALITY) and guidance per family, unless configured.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Presets {
+    pub steps: [usize; 3],
+    pub guidance_scale: f64,
+}
+
+impl Presets {
+    /// Stable Diffusion 1.x/2.x: 12/25/40 steps, guidance 7.5.
+    pub const STABLE_DIFFUSION: Self = Self {
+        steps: [12, 25, 40],
+        guidance_scale: 7.5,
+    };
+    /// FLUX.2 [klein], step-distilled (the released klein 4B): the 4 steps it was
+    /// distilled for at every speed but QUALITY's 6, no guidance.
+    pub const KLEIN_DISTILLED: Self = Self {
+        steps: [4, 4, 6],
+        guidance_scale: 1.0,
+    };
+    /// FLUX.2 [klein] base: 20/28/50 steps with guidance 4.
+    pub const KLEIN_BASE: Self = Self {
+        steps: [20, 28, 50],
+        guidance_scale: 4.0,
+    };
+}
+
+/// The loaded model of one family (boxed: each is a few kB of handles).
+enum Model {
+    StableDiffusion {
+        model: Box<StableDiffusion>,
+        scheduler: SchedulerKind,
+    },
+    Flux2(Box<Flux2Klein>),
 }
 
 /// The local diffusion engine. The model is loaded once, at construction; clones share it.
 #[derive(Clone)]
 pub struct LocalEngine {
-    model: Arc<StableDiffusion>,
-    cfg: Arc<LocalConfig>,
-    scheduler: SchedulerKind,
+    model: Arc<Model>,
+    presets: Presets,
+    native_side: Option<u32>,
 }
 
 /// Parses the `engine.local.scheduler` setting: empty for the model's own.
@@ -127,32 +177,90 @@ pub fn styled_prompt(prompt: &str, style: Style) -> String {
 }
 
 impl LocalEngine {
-    /// Loads the model. Slow (seconds to a minute for SD 1.5 on a CPU); call it once.
+    /// Loads the model of whichever family the directory holds. Slow (seconds to a
+    /// minute on a CPU); call it once.
     pub fn load(cfg: LocalConfig) -> Result<Self, Error> {
         let device = parse_device(&cfg.device)?;
-        let model = StableDiffusion::load(&cfg.model_dir, &device)?;
-        let scheduler = match cfg.scheduler {
-            Some(k) => k,
-            None => SchedulerKind::for_config(&model.scheduler).map_err(|e| {
-                Error::Unsupported(format!(
-                    "{e}; choose one with engine.local.scheduler (ddim, euler, euler_a, dpmpp_2m)"
-                ))
-            })?,
+        let (model, family_presets) = match crate::model::family(&cfg.model_dir)? {
+            Family::StableDiffusion => {
+                if !cfg.text_layers.is_empty() && cfg.text_layers != DEFAULT_TEXT_LAYERS {
+                    tracing::warn!("engine.local.text_layers is for FLUX.2 models; ignored");
+                }
+                let model = StableDiffusion::load(&cfg.model_dir, &device)?;
+                let scheduler = match cfg.scheduler {
+                    Some(k) => k,
+                    None => SchedulerKind::for_config(&model.scheduler).map_err(|e| {
+                        Error::Unsupported(format!(
+                            "{e}; choose one with engine.local.scheduler (ddim, euler, euler_a, dpmpp_2m)"
+                        ))
+                    })?,
+                };
+                (
+                    Model::StableDiffusion {
+                        model: Box::new(model),
+                        scheduler,
+                    },
+                    Presets::STABLE_DIFFUSION,
+                )
+            }
+            Family::Flux2Klein => {
+                if cfg.scheduler.is_some() {
+                    return Err(Error::Unsupported(
+                        "engine.local.scheduler is for Stable Diffusion models; FLUX.2 runs its \
+                         own flow-matching scheduler (leave it empty)"
+                            .into(),
+                    ));
+                }
+                let model = Flux2Klein::load(&cfg.model_dir, &cfg.text_layers, &device)?;
+                let presets = if model.distilled {
+                    Presets::KLEIN_DISTILLED
+                } else {
+                    Presets::KLEIN_BASE
+                };
+                (Model::Flux2(Box::new(model)), presets)
+            }
+        };
+        let presets = Presets {
+            steps: cfg.steps.unwrap_or(family_presets.steps),
+            guidance_scale: cfg.guidance_scale.unwrap_or(family_presets.guidance_scale),
         };
         Ok(Self {
             model: Arc::new(model),
-            cfg: Arc::new(cfg),
-            scheduler,
+            presets,
+            native_side: cfg.native_side,
         })
+    }
+
+    /// The family of the loaded model.
+    pub fn family(&self) -> Family {
+        match *self.model {
+            Model::StableDiffusion { .. } => Family::StableDiffusion,
+            Model::Flux2(_) => Family::Flux2Klein,
+        }
+    }
+
+    /// The steps and guidance in force (the family's presets, or the configured values).
+    pub fn presets(&self) -> Presets {
+        self.presets
     }
 
     /// The steps of the full schedule for a rendering speed.
     pub fn steps(&self, speed: RenderingSpeed) -> usize {
         match speed {
-            RenderingSpeed::Turbo => self.cfg.steps[0],
-            RenderingSpeed::Balanced => self.cfg.steps[1],
-            RenderingSpeed::Quality => self.cfg.steps[2],
+            RenderingSpeed::Turbo => self.presets.steps[0],
+            RenderingSpeed::Balanced => self.presets.steps[1],
+            RenderingSpeed::Quality => self.presets.steps[2],
         }
+    }
+
+    /// The size the model generates at for an output size: its native pixel budget at
+    /// the output's aspect ratio, sides multiples of what it needs.
+    pub fn generation_size(&self, output: (u32, u32)) -> (u32, u32) {
+        let (native, multiple) = match &*self.model {
+            Model::StableDiffusion { model, .. } => (model.native_side(), model.size_multiple()),
+            Model::Flux2(model) => (model.native_side(), model.size_multiple()),
+        };
+        generation_size(self.native_side.unwrap_or(native), multiple, output)
     }
 
     /// Renders image `index` of `job` synchronously. `on_step(done, total)` returns
@@ -163,26 +271,51 @@ impl LocalEngine {
         index: u32,
         on_step: &mut dyn FnMut(usize, usize) -> bool,
     ) -> Result<RgbImage, Error> {
-        let model = &self.model;
-        let gen = generation_size(
-            model.native_side(),
-            model.size_multiple(),
-            job.size.dimensions(),
-        );
+        let gen = self.generation_size(job.size.dimensions());
         let base = preview::cover_resize(&job.base, gen, job.rendering_speed);
-        let image = image_to_tensor(base.as_raw(), gen, &model.device)?;
         let fraction = denoise_fraction(job.strength.get());
-        let params = Img2ImgParams {
-            prompt: local_prompt(job),
-            negative_prompt: job.negative_prompt.clone(),
-            steps: schedule_steps(self.steps(job.rendering_speed), fraction),
-            strength: fraction,
-            guidance_scale: self.cfg.guidance_scale,
-            scheduler: self.scheduler,
-        };
+        let steps = schedule_steps(self.steps(job.rendering_speed), fraction);
         let mut noise = SeededNoise::new(job.seed.for_image(index));
-        let out = model.img2img(&image, &params, &mut noise, on_step)?;
-        let (rgb, size) = tensor_to_image(&out.decoded)?;
+        let decoded = match &*self.model {
+            Model::StableDiffusion { model, scheduler } => {
+                let image = image_to_tensor(base.as_raw(), gen, &model.device)?;
+                let params = Img2ImgParams {
+                    prompt: local_prompt(job),
+                    negative_prompt: job.negative_prompt.clone(),
+                    steps,
+                    strength: fraction,
+                    guidance_scale: self.presets.guidance_scale,
+                    scheduler: *scheduler,
+                };
+                model.img2img(&image, &params, &mut noise, on_step)?.decoded
+            }
+            Model::Flux2(model) => {
+                let device = &model.device;
+                let image = image_to_tensor(base.as_raw(), gen, device)?;
+                let budget = gen.0 as u64 * gen.1 as u64;
+                let multiple = model.size_multiple();
+                let character = masked_character(&job.character, job.mask.as_ref());
+                let mut references = Vec::with_capacity(1 + job.style_images.len());
+                for r in std::iter::once(&character).chain(&job.style_images) {
+                    let r = sized_reference(r, budget, multiple);
+                    references.push(image_to_tensor(r.as_raw(), r.dimensions(), device)?);
+                }
+                let params = RemixParams {
+                    prompt: local_prompt(job),
+                    negative_prompt: job.negative_prompt.clone(),
+                    steps,
+                    strength: fraction,
+                    guidance_scale: self.presets.guidance_scale,
+                };
+                let inputs = RemixInputs {
+                    image: &image,
+                    mask: None,
+                    references: &references,
+                };
+                model.remix(&inputs, &params, &mut noise, on_step)?.decoded
+            }
+        };
+        let (rgb, size) = tensor_to_image(&decoded)?;
         let img = RgbImage::from_raw(size.0, size.1, rgb)
             .ok_or_else(|| Error::Unsupported("decoded image has the wrong length".into()))?;
         Ok(preview::cover_resize(
@@ -212,16 +345,16 @@ impl Engine for LocalEngine {
     }
 
     /// The base is cover-resized to the generation size (the model's native pixel
-    /// budget at the output's aspect ratio), so nothing larger is needed; the reference,
-    /// mask and style images are not used yet, so thumbnails will do.
+    /// budget at the output's aspect ratio), so nothing larger is needed. SD does not use
+    /// the reference, mask and style images, so thumbnails will do; FLUX.2 takes
+    /// references of up to the generation's pixel count, which a square of its longer
+    /// side holds.
     fn working_size(&self, role: InputRole, output: (u32, u32)) -> WorkingSize {
-        match role {
-            InputRole::Base => {
-                let (w, h) =
-                    generation_size(self.model.native_side(), self.model.size_multiple(), output);
-                WorkingSize::Cover(w, h)
-            }
-            InputRole::Character | InputRole::Mask | InputRole::Style => WorkingSize::Fit(64, 64),
+        let (w, h) = self.generation_size(output);
+        match (role, &*self.model) {
+            (InputRole::Base, _) => WorkingSize::Cover(w, h),
+            (_, Model::StableDiffusion { .. }) => WorkingSize::Fit(64, 64),
+            (_, Model::Flux2(_)) => WorkingSize::Fit(w.max(h), w.max(h)),
         }
     }
 

@@ -21,6 +21,7 @@ pub mod noise;
 mod norm;
 pub mod pipeline;
 pub mod scheduler;
+mod sgemm;
 mod simd;
 pub mod tokenizer;
 pub mod unet;

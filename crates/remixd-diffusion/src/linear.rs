@@ -52,6 +52,12 @@ pub(crate) fn linear_b(
     }
 }
 
+/// A linear layer from its weight (`(out, in)`) and optional bias, e.g. several layers'
+/// weights stacked into one product.
+pub(crate) fn linear_from(weight: Tensor, bias: Option<Tensor>) -> Linear {
+    Linear { weight, bias }
+}
+
 impl Linear {
     /// The weight, `(out, in)`, at its stored dtype.
     pub(crate) fn weight(&self) -> &Tensor {

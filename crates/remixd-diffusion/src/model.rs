@@ -48,8 +48,18 @@ impl StableDiffusion {
     }
 }
 
-/// Checks `model_index.json`: a pipeline class remixd runs, and the components it needs.
-fn check_index(dir: &Path) -> Result<()> {
+/// The model families the local engine runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// Stable Diffusion 1.x/2.x ([`StableDiffusion`]).
+    StableDiffusion,
+    /// FLUX.2 [klein] ([`crate::flux2::Flux2Klein`]).
+    Flux2Klein,
+}
+
+/// Which family the model directory `dir` holds, by its `model_index.json`'s pipeline
+/// class; a class of neither is refused with a sentence naming the ones remixd runs.
+pub fn family(dir: &Path) -> Result<Family> {
     if !dir.is_dir() {
         return Err(Error::MissingFile(dir.to_owned()));
     }
@@ -59,26 +69,56 @@ fn check_index(dir: &Path) -> Result<()> {
         .get("_class_name")
         .and_then(Value::as_str)
         .unwrap_or_default();
-    if class.contains("XL") || index.get("text_encoder_2").is_some() {
+    if crate::flux2::PIPELINES.contains(&class) {
+        Ok(Family::Flux2Klein)
+    } else if PIPELINES.contains(&class) {
+        Ok(Family::StableDiffusion)
+    } else if class.contains("XL") || index.get("text_encoder_2").is_some() {
+        Err(Error::Unsupported(format!(
+            "{}: {class} (SDXL) is not supported yet; use an SD 1.x/2.x or FLUX.2 [klein] model",
+            path.display()
+        )))
+    } else {
+        Err(Error::Unsupported(format!(
+            "{}: pipeline class {class:?}; remixd runs {} and {}",
+            path.display(),
+            PIPELINES.join(", "),
+            crate::flux2::PIPELINES.join(", ")
+        )))
+    }
+}
+
+/// Checks `model_index.json`: a pipeline class remixd runs, and the components it needs.
+fn check_index(dir: &Path) -> Result<()> {
+    let path = dir.join("model_index.json");
+    if family(dir)? != Family::StableDiffusion {
         return Err(Error::Unsupported(format!(
-            "{}: {class} (SDXL) is not supported yet; use an SD 1.x/2.x model",
+            "{}: a FLUX.2 [klein] model, not Stable Diffusion",
             path.display()
         )));
     }
-    if !PIPELINES.contains(&class) {
-        return Err(Error::Unsupported(format!(
-            "{}: pipeline class {class:?}; remixd runs {}",
-            path.display(),
-            PIPELINES.join(", ")
-        )));
-    }
-    for (component, expected) in [
-        ("tokenizer", &["CLIPTokenizer", "CLIPTokenizerFast"][..]),
-        ("text_encoder", &["CLIPTextModel"][..]),
-        ("unet", &["UNet2DConditionModel"][..]),
-        ("vae", &["AutoencoderKL"][..]),
-        ("scheduler", &[][..]),
-    ] {
+    let index: Value = read_json(&path)?;
+    check_components(
+        &path,
+        &index,
+        &[
+            ("tokenizer", &["CLIPTokenizer", "CLIPTokenizerFast"][..]),
+            ("text_encoder", &["CLIPTextModel"][..]),
+            ("unet", &["UNet2DConditionModel"][..]),
+            ("vae", &["AutoencoderKL"][..]),
+            ("scheduler", &[][..]),
+        ],
+    )
+}
+
+/// Checks that `model_index.json` (at `path`) names each component with one of the
+/// expected classes (any class when the list is empty).
+pub(crate) fn check_components(
+    path: &Path,
+    index: &Value,
+    components: &[(&str, &[&str])],
+) -> Result<()> {
+    for &(component, expected) in components {
         // Each entry is `[library, class]`.
         let found = index
             .get(component)
@@ -86,7 +126,7 @@ fn check_index(dir: &Path) -> Result<()> {
             .and_then(|pair| pair.get(1))
             .and_then(Value::as_str)
             .ok_or_else(|| Error::BadConfig {
-                path: path.clone(),
+                path: path.to_owned(),
                 reason: format!("no `{component}` component"),
             })?;
         if !expected.is_empty() && !expected.contains(&found) {
@@ -131,6 +171,12 @@ pub(crate) fn weights_stored(
     let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, storage, device) }
         .context(|| format!("reading {}", files[0].display()))?;
     Ok((vb, storage, files[0].clone()))
+}
+
+/// The dtype [`weights_stored`] keeps the component `dir`/`stem`'s linear weights in
+/// when computing in `compute` (for reports such as the benchmark's).
+pub fn kept_dtype(dir: &Path, stem: &str, compute: DType) -> Result<DType> {
+    storage_dtype(&weight_files(dir, stem)?, compute)
 }
 
 /// The dtype a large model's linear weights are kept in: their on-disk half precision

@@ -812,7 +812,12 @@ impl UNet2DConditionModel {
 
 /// The sinusoidal timestep embedding of diffusers' `get_timestep_embedding`, with the
 /// same f32 rounding steps as the reference.
-fn timestep_embedding(timestep: f64, dim: usize, flip_sin_to_cos: bool, shift: f64) -> Vec<f32> {
+pub(crate) fn timestep_embedding(
+    timestep: f64,
+    dim: usize,
+    flip_sin_to_cos: bool,
+    shift: f64,
+) -> Vec<f32> {
     let half = dim / 2;
     let log_period = -(10000f64.ln()) as f32;
     let denom = (half as f64 - shift) as f32;

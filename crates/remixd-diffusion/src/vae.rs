@@ -1,6 +1,8 @@
 //! The variational autoencoder (`AutoencoderKL`) that maps images to latents and back.
 //!
-//! Built from `vae/config.json` with diffusers' names and defaults.
+//! Built from `vae/config.json` with diffusers' names and defaults. FLUX.2's
+//! `AutoencoderKLFlux2` is the same encoder and decoder plus a batch norm whose running
+//! statistics normalise the 2×2-patchified latents ([`LatentStats`]).
 
 use std::path::Path;
 
@@ -33,6 +35,12 @@ pub struct VaeConfig {
     pub up_block_types: Vec<String>,
     /// Channels of each level.
     pub block_out_channels: Vec<usize>,
+    /// The decoder's channels when they differ from the encoder's (FLUX.2's VAE may say).
+    pub decoder_block_out_channels: Option<Vec<usize>>,
+    /// Epsilon of FLUX.2's latent batch norm.
+    pub batch_norm_eps: f64,
+    /// FLUX.2's latent patch (2×2).
+    pub patch_size: Option<Vec<usize>>,
     /// Resnets per encoder block (the decoder blocks have one more).
     pub layers_per_block: usize,
     /// Activation: `silu` (or its alias `swish`).
@@ -62,6 +70,9 @@ impl Default for VaeConfig {
             down_block_types: vec!["DownEncoderBlock2D".into()],
             up_block_types: vec!["UpDecoderBlock2D".into()],
             block_out_channels: vec![64],
+            decoder_block_out_channels: None,
+            batch_norm_eps: 1e-4,
+            patch_size: None,
             layers_per_block: 1,
             act_fn: "silu".into(),
             latent_channels: 4,
@@ -86,6 +97,16 @@ impl VaeConfig {
         if n == 0 {
             return bad("block_out_channels", &self.block_out_channels);
         }
+        if let Some(d) = &self.decoder_block_out_channels {
+            if d.len() != n {
+                return bad("decoder_block_out_channels", d);
+            }
+        }
+        if let Some(p) = &self.patch_size {
+            if p.len() != 2 || p.contains(&0) {
+                return bad("patch_size", p);
+            }
+        }
         if !matches!(self.act_fn.as_str(), "silu" | "swish") {
             return bad("act_fn", &self.act_fn);
         }
@@ -104,6 +125,57 @@ impl VaeConfig {
         }
         Ok(())
     }
+}
+
+impl VaeConfig {
+    /// The decoder's channels per level.
+    pub fn decoder_channels(&self) -> &[usize] {
+        self.decoder_block_out_channels
+            .as_deref()
+            .unwrap_or(&self.block_out_channels)
+    }
+}
+
+/// FLUX.2's latent normalisation: the running mean and `sqrt(running_var + eps)` of the
+/// VAE's batch norm over the 2×2-patchified latent channels (`bn.running_mean`,
+/// `bn.running_var` in the weights), which the pipeline applies to encoded latents and
+/// undoes before decoding.
+#[derive(Debug, Clone)]
+pub struct LatentStats {
+    /// `(1, 4·latent_channels, 1, 1)`.
+    pub mean: Tensor,
+    /// `(1, 4·latent_channels, 1, 1)`.
+    pub std: Tensor,
+}
+
+impl LatentStats {
+    /// `(x - mean) / std` for patchified latents `(b, 4c, h, w)`.
+    pub fn normalise(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        x.broadcast_sub(&self.mean)?.broadcast_div(&self.std)
+    }
+
+    /// `x · std + mean`, the inverse of [`normalise`](Self::normalise).
+    pub fn denormalise(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        x.broadcast_mul(&self.std)?.broadcast_add(&self.mean)
+    }
+}
+
+/// 2×2 patches of latents into channels: `(b, c, h, w)` → `(b, 4c, h/2, w/2)`, channel
+/// `4k + 2i + j` holding pixel `(2y + i, 2x + j)` of channel `k`, as diffusers'
+/// `_patchify_latents`.
+pub fn patchify(x: &Tensor) -> candle_core::Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    x.reshape((b, c, h / 2, 2, w / 2, 2))?
+        .permute((0, 1, 3, 5, 2, 4))?
+        .reshape((b, c * 4, h / 2, w / 2))
+}
+
+/// The inverse of [`patchify`]: `(b, 4c, h, w)` → `(b, c, 2h, 2w)`.
+pub fn unpatchify(x: &Tensor) -> candle_core::Result<Tensor> {
+    let (b, c4, h, w) = x.dims4()?;
+    x.reshape((b, c4 / 4, 2, 2, h, w))?
+        .permute((0, 1, 4, 2, 5, 3))?
+        .reshape((b, c4 / 4, h * 2, w * 2))
 }
 
 /// `UNetMidBlock2D` without time embedding: resnet, optional attention, resnet.
@@ -250,8 +322,9 @@ struct Decoder {
 
 impl Decoder {
     fn new(vb: VarBuilder, cfg: &VaeConfig) -> candle_core::Result<Self> {
-        let rev: Vec<usize> = cfg.block_out_channels.iter().rev().copied().collect();
-        let first = *cfg.block_out_channels.first().expect("checked non-empty");
+        let channels = cfg.decoder_channels();
+        let rev: Vec<usize> = channels.iter().rev().copied().collect();
+        let first = *channels.first().expect("checked non-empty");
         let conv_in = Conv2d::new(vb.pp("conv_in"), cfg.latent_channels, rev[0], 3, 1, 1)?;
         let mid = MidBlock::new(vb.pp("mid_block"), cfg, rev[0])?;
         let mut blocks = Vec::with_capacity(rev.len());
@@ -340,6 +413,21 @@ impl AutoencoderKL {
         })
     }
 
+    /// FLUX.2's latent statistics from the batch norm's running mean and variance, on
+    /// `device` in f32; `dir` is the `vae/` directory the model was loaded from.
+    pub fn latent_stats(&self, dir: &Path, device: &Device) -> Result<LatentStats> {
+        let (vb, file) = crate::model::weights(dir, "diffusion_pytorch_model", device)?;
+        let n = 4 * self.config.latent_channels;
+        let what = || format!("reading the VAE's batch norm from {}", file.display());
+        let mean = vb.get(n, "bn.running_mean").context(what)?;
+        let var = vb.get(n, "bn.running_var").context(what)?;
+        let std = (var + self.config.batch_norm_eps)?.sqrt()?;
+        Ok(LatentStats {
+            mean: mean.reshape((1, n, 1, 1))?,
+            std: std.reshape((1, n, 1, 1))?,
+        })
+    }
+
     /// The config the model was built from.
     pub fn config(&self) -> &VaeConfig {
         &self.config
@@ -398,6 +486,41 @@ mod tests {
         assert_eq!(mean.dims(), &[1, 4, 8, 6]);
         assert_eq!(logvar.dims(), &[1, 4, 8, 6]);
         assert_eq!(vae.decode(&mean).unwrap().dims(), &[1, 3, 16, 12]);
+    }
+
+    #[test]
+    fn patchify_moves_each_2x2_patch_into_channels_and_back() {
+        let dev = Device::Cpu;
+        let x = Tensor::arange(0f32, 2.0 * 4.0 * 6.0, &dev)
+            .unwrap()
+            .reshape((1, 2, 4, 6))
+            .unwrap();
+        let p = patchify(&x).unwrap();
+        assert_eq!(p.dims(), &[1, 8, 2, 3]);
+        // Channel 4k + 2i + j at (y, x) is pixel (2y + i, 2x + j) of channel k.
+        for k in 0..2 {
+            for i in 0..2 {
+                for j in 0..2 {
+                    for y in 0..2 {
+                        for xx in 0..3 {
+                            let got: f32 = p
+                                .get(0)
+                                .and_then(|t| t.get(4 * k + 2 * i + j))
+                                .and_then(|t| t.get(y))
+                                .and_then(|t| t.get(xx))
+                                .and_then(|t| t.to_scalar())
+                                .unwrap();
+                            let want = (k * 24 + (2 * y + i) * 6 + 2 * xx + j) as f32;
+                            assert_eq!(got, want);
+                        }
+                    }
+                }
+            }
+        }
+        assert_eq!(
+            crate::test_util::max_diff(&unpatchify(&p).unwrap(), &x),
+            0.0
+        );
     }
 
     #[test]

@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 fn engine() -> LocalEngine {
     let mut cfg = LocalConfig::new(common::model_dir("tiny-sd1"));
-    cfg.steps = [2, 3, 4];
+    cfg.steps = Some([2, 3, 4]);
     LocalEngine::load(cfg).expect("load tiny-sd1")
 }
 

@@ -135,3 +135,70 @@ fn an_unimplemented_block_type_is_named() {
     let e = load_err(tmp.path());
     assert!(e.contains("SimpleCrossAttnDownBlock2D"), "{e}");
 }
+
+/// The family comes from the pipeline class; klein's components and settings are checked
+/// before anything runs, with sentences naming what is wrong.
+mod flux2 {
+    use super::*;
+    use remixd_diffusion::flux2::Flux2Klein;
+    use remixd_diffusion::model::{family, Family};
+
+    fn klein_err(dir: &Path, layers: &[usize]) -> String {
+        match Flux2Klein::load(dir, layers, &Device::Cpu) {
+            Ok(_) => panic!("{} loaded", dir.display()),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn the_family_is_read_from_the_pipeline_class() {
+        assert_eq!(
+            family(&model_dir("tiny-sd1")).unwrap(),
+            Family::StableDiffusion
+        );
+        assert_eq!(
+            family(&model_dir("tiny-flux2")).unwrap(),
+            Family::Flux2Klein
+        );
+        let tmp = copy_model("tiny-flux2");
+        let index = tmp.path().join("model_index.json");
+        for class in ["Flux2KleinPipeline", "Flux2KleinInpaintPipeline"] {
+            edit_json(&index, |v| v["_class_name"] = class.into());
+            assert_eq!(family(tmp.path()).unwrap(), Family::Flux2Klein, "{class}");
+        }
+        edit_json(&index, |v| v["_class_name"] = "Flux2KleinKVPipeline".into());
+        let e = family(tmp.path()).unwrap_err().to_string();
+        assert!(
+            e.contains("Flux2KleinKVPipeline") && e.contains("Flux2KleinInpaintPipeline"),
+            "{e}"
+        );
+        // A Stable Diffusion loader given a klein directory says so.
+        let e = load_err(&model_dir("tiny-flux2"));
+        assert!(e.contains("FLUX.2"), "{e}");
+    }
+
+    #[test]
+    fn text_layers_that_do_not_fit_the_transformer_are_refused() {
+        let dir = model_dir("tiny-flux2");
+        // The released models' layers: the tiny encoder has 2.
+        let e = klein_err(&dir, &[9, 18, 27]);
+        assert!(
+            e.contains("hidden state 9") && e.contains("num_hidden_layers 2"),
+            "{e}"
+        );
+        // Two layers give 32 features; the transformer reads 48.
+        let e = klein_err(&dir, &[1, 2]);
+        assert!(e.contains("48") && e.contains("32"), "{e}");
+        assert!(Flux2Klein::load(&dir, &[0, 1, 2], &Device::Cpu).is_ok());
+    }
+
+    #[test]
+    fn a_wrong_component_class_is_named() {
+        let tmp = copy_model("tiny-flux2");
+        edit_json(&tmp.path().join("model_index.json"), |v| {
+            v["vae"] = serde_json::json!(["diffusers", "AutoencoderKL"])
+        });
+        let e = klein_err(tmp.path(), &[0, 1, 2]);
+        assert!(e.contains("vae") && e.contains("AutoencoderKLFlux2"), "{e}");
+    }
+}

@@ -21,9 +21,16 @@ pub struct GenerateArgs {
     /// Base image file.
     #[arg(long)]
     pub image: PathBuf,
-    /// Character reference file (not used by this version of the local engine).
+    /// Character reference file (FLUX.2 models; Stable Diffusion ignores it). Default:
+    /// the base image.
     #[arg(long)]
     pub character: Option<PathBuf>,
+    /// The character's mask, white = character (FLUX.2 models).
+    #[arg(long)]
+    pub mask: Option<PathBuf>,
+    /// A style reference image; repeat for several (FLUX.2 models).
+    #[arg(long = "style")]
+    pub styles: Vec<PathBuf>,
     #[arg(long)]
     pub prompt: String,
     #[arg(long, default_value = "")]
@@ -69,12 +76,21 @@ pub fn run(settings: &Settings, args: GenerateArgs) -> anyhow::Result<()> {
         Some(p) => read(p)?,
         None => base.clone(),
     };
+    let mask = match &args.mask {
+        Some(p) => Some(image::DynamicImage::ImageRgb8(read(p)?).to_luma8()),
+        None => None,
+    };
+    let style_images = args
+        .styles
+        .iter()
+        .map(read)
+        .collect::<anyhow::Result<_>>()?;
     let job = remixd_engine::Job {
         task_id: "generate".into(),
         base,
         character,
-        mask: None,
-        style_images: vec![],
+        mask,
+        style_images,
         prompt: args.prompt.clone(),
         negative_prompt: args.negative_prompt.clone(),
         expand_prompt: false,

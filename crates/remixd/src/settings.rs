@@ -174,14 +174,22 @@ impl Default for EngineSettings {
 pub struct LocalEngineSettings {
     pub model_dir: Option<PathBuf>,
     pub device: String,
-    /// Steps of the full schedule per rendering speed (img2img runs the strength's share).
-    pub steps_turbo: usize,
-    pub steps_balanced: usize,
-    pub steps_quality: usize,
-    /// Classifier-free guidance scale; 1 or less turns guidance off (SD-Turbo).
-    pub guidance_scale: f64,
-    /// `ddim`, `euler`, `euler_a`, `dpmpp_2m`; empty takes the model's own scheduler.
+    /// Steps of the full schedule per rendering speed (img2img runs the strength's share);
+    /// unset: the model family's preset.
+    pub steps_turbo: Option<usize>,
+    pub steps_balanced: Option<usize>,
+    pub steps_quality: Option<usize>,
+    /// Classifier-free guidance scale; 1 or less turns guidance off (SD-Turbo, distilled
+    /// klein); unset: the model family's preset.
+    pub guidance_scale: Option<f64>,
+    /// SD only: `ddim`, `euler`, `euler_a`, `dpmpp_2m`; empty takes the model's own
+    /// scheduler.
     pub scheduler: String,
+    /// FLUX.2 only: the text encoder's hidden states stacked into the prompt embeddings.
+    pub text_layers: Vec<usize>,
+    /// The side of the square whose pixel count images are generated at; unset: the
+    /// model's native one.
+    pub native_side: Option<u32>,
 }
 
 impl Default for LocalEngineSettings {
@@ -190,11 +198,13 @@ impl Default for LocalEngineSettings {
         Self {
             model_dir: None,
             device: d.device,
-            steps_turbo: d.steps[0],
-            steps_balanced: d.steps[1],
-            steps_quality: d.steps[2],
-            guidance_scale: d.guidance_scale,
+            steps_turbo: None,
+            steps_balanced: None,
+            steps_quality: None,
+            guidance_scale: None,
             scheduler: String::new(),
+            text_layers: d.text_layers,
+            native_side: None,
         }
     }
 }
@@ -205,28 +215,61 @@ impl LocalEngineSettings {
         let Some(model_dir) = self.model_dir.clone() else {
             anyhow::bail!("engine.kind = \"local\" needs engine.local.model_dir (a diffusers-layout model directory)");
         };
+        self.check()?;
+        let steps = match (self.steps_turbo, self.steps_balanced, self.steps_quality) {
+            (None, None, None) => None,
+            (Some(t), Some(b), Some(q)) => Some([t, b, q]),
+            _ => anyhow::bail!(
+                "engine.local.steps_turbo, steps_balanced and steps_quality are set together \
+                 or not at all (unset: the model family's presets)"
+            ),
+        };
+        let scheduler = remixd_diffusion::engine::scheduler_setting(&self.scheduler)?;
+        Ok(remixd_diffusion::engine::LocalConfig {
+            model_dir,
+            device: self.device.clone(),
+            steps,
+            guidance_scale: self.guidance_scale,
+            scheduler,
+            text_layers: self.text_layers.clone(),
+            native_side: self.native_side,
+        })
+    }
+
+    /// The ranges of the values that are set; errors name the setting.
+    fn check(&self) -> anyhow::Result<()> {
         for (key, v) in [
             ("steps_turbo", self.steps_turbo),
             ("steps_balanced", self.steps_balanced),
             ("steps_quality", self.steps_quality),
         ] {
+            if let Some(v) = v {
+                anyhow::ensure!(
+                    (1..=200).contains(&v),
+                    "engine.local.{key} must be 1..=200, not {v}"
+                );
+            }
+        }
+        if let Some(n) = self.native_side {
             anyhow::ensure!(
-                (1..=200).contains(&v),
-                "engine.local.{key} must be 1..=200, not {v}"
+                (16..=4096).contains(&n),
+                "engine.local.native_side must be 16..=4096, not {n}"
+            );
+        }
+        if let Some(g) = self.guidance_scale {
+            anyhow::ensure!(
+                g.is_finite() && (0.0..=30.0).contains(&g),
+                "engine.local.guidance_scale must be 0..=30"
             );
         }
         anyhow::ensure!(
-            self.guidance_scale.is_finite() && (0.0..=30.0).contains(&self.guidance_scale),
-            "engine.local.guidance_scale must be 0..=30"
+            !self.text_layers.is_empty()
+                && self.text_layers.len() <= 16
+                && self.text_layers.iter().all(|&l| l <= 1000),
+            "engine.local.text_layers must list 1 to 16 layer indices (each at most 1000), \
+             such as [9, 18, 27]"
         );
-        let scheduler = remixd_diffusion::engine::scheduler_setting(&self.scheduler)?;
-        Ok(remixd_diffusion::engine::LocalConfig {
-            model_dir,
-            device: self.device.clone(),
-            steps: [self.steps_turbo, self.steps_balanced, self.steps_quality],
-            guidance_scale: self.guidance_scale,
-            scheduler,
-        })
+        Ok(())
     }
 }
 
@@ -685,15 +728,7 @@ impl Settings {
         let (e, w) = (&self.engine, &self.worker);
         within("engine.concurrency", e.concurrency, 1, 64)?;
         within("engine.preview.delay_ms", e.preview.delay_ms, 0, 3_600_000)?;
-        let l = &e.local;
-        for (key, v) in [
-            ("engine.local.steps_turbo", l.steps_turbo),
-            ("engine.local.steps_balanced", l.steps_balanced),
-            ("engine.local.steps_quality", l.steps_quality),
-        ] {
-            within(key, v, 1, 200)?;
-        }
-        seconds("engine.local.guidance_scale", l.guidance_scale, 0.0, 30.0)?;
+        e.local.check()?;
         e.fal.check("fal")?;
         e.ideogram.check("ideogram")?;
         for (i, f) in e.fallback.iter().enumerate() {
