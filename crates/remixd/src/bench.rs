@@ -283,6 +283,200 @@ pub async fn callbacks(mut settings: Settings, tasks: usize) -> anyhow::Result<(
     Ok(())
 }
 
+/// A part of `bench flux2`; scripts/bench-flux2.sh times the same work on diffusers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Flux2Part {
+    /// The prompt's embeddings: chat template, 512 tokens, hidden states stacked.
+    Text,
+    /// One transformer forward for a 512² output with one 512² reference.
+    Tr512,
+    /// One transformer forward for a 1024² output with one 1024² reference.
+    Tr1024,
+    /// VAE encode of a 512² image (mode, patchify, normalise).
+    #[value(name = "vae_encode")]
+    VaeEncode,
+    /// VAE decode of 64×64 latents.
+    #[value(name = "vae_decode")]
+    VaeDecode,
+    /// A whole 4-step 512² remix with one 512² reference (loading excluded).
+    Image,
+}
+
+/// The prompt every FLUX.2 part encodes.
+const BENCH_PROMPT: &str =
+    "a portrait of a knight in silver armor, dramatic lighting, highly detailed";
+
+/// Times one part of a FLUX.2 [klein] model on the CPU, loading only the components the
+/// part needs, and prints one JSON object: `part`, `seconds` (median of `repeats` after a
+/// warm-up), `runs`, `peak_rss_mb` (this process's `VmHWM`, loading included), `compute_dtype`,
+/// `weights_dtype`, `threads`.
+pub fn flux2(model_dir: &std::path::Path, part: Flux2Part, repeats: usize) -> anyhow::Result<()> {
+    use candle_core::{DType, Device, Tensor};
+    use remixd_diffusion::flux2::pipeline::{image_ids, text_ids, RemixInputs, RemixParams};
+    use remixd_diffusion::flux2::prompt::ChatPrompt;
+    use remixd_diffusion::flux2::qwen3::Qwen3TextEncoder;
+    use remixd_diffusion::flux2::transformer::Flux2Transformer;
+    use remixd_diffusion::flux2::{Flux2Klein, DEFAULT_TEXT_LAYERS, MAX_SEQUENCE_LENGTH};
+    use remixd_diffusion::noise::SeededNoise;
+    use remixd_diffusion::vae::{patchify, AutoencoderKL};
+
+    let dev = Device::Cpu;
+    let threads = candle_core::utils::get_num_threads();
+    let err = |e: remixd_diffusion::Error| anyhow::anyhow!("{e}");
+    let randn = |shape: &[usize]| Tensor::randn(0f32, 1f32, shape, &dev);
+    let mut runs = Vec::with_capacity(repeats);
+    let mut timed = |f: &mut dyn FnMut() -> anyhow::Result<()>| -> anyhow::Result<()> {
+        let t = Instant::now();
+        f()?;
+        eprintln!("warm-up: {:.3} s", t.elapsed().as_secs_f64());
+        for _ in 0..repeats.max(1) {
+            let t = Instant::now();
+            f()?;
+            runs.push(t.elapsed().as_secs_f64());
+            eprintln!("run: {:.3} s", runs[runs.len() - 1]);
+        }
+        Ok(())
+    };
+    let t = Instant::now();
+    let kept = |component: &str, stem: &str| -> anyhow::Result<&'static str> {
+        let d = remixd_diffusion::model::kept_dtype(&model_dir.join(component), stem, DType::F32)
+            .map_err(err)?;
+        Ok(match d {
+            DType::BF16 => "bfloat16",
+            DType::F16 => "float16",
+            _ => "float32",
+        })
+    };
+    let mut weights = "float32";
+    match part {
+        Flux2Part::Text => {
+            let prompt = ChatPrompt::from_dir(&model_dir.join("tokenizer")).map_err(err)?;
+            let enc = Qwen3TextEncoder::load(
+                &model_dir.join("text_encoder"),
+                &DEFAULT_TEXT_LAYERS,
+                DType::F32,
+                &dev,
+            )
+            .map_err(err)?;
+            weights = kept("text_encoder", "model")?;
+            eprintln!("loaded in {:.1} s", t.elapsed().as_secs_f64());
+            timed(&mut || {
+                let (ids, mask) = prompt
+                    .encode(BENCH_PROMPT, MAX_SEQUENCE_LENGTH)
+                    .map_err(err)?;
+                std::hint::black_box(enc.hidden_states(&ids, &mask).map_err(err)?);
+                Ok(())
+            })?;
+        }
+        Flux2Part::Tr512 | Flux2Part::Tr1024 => {
+            let side = if part == Flux2Part::Tr512 { 512 } else { 1024 };
+            let tr = Flux2Transformer::load(&model_dir.join("transformer"), DType::F32, &dev)
+                .map_err(err)?;
+            weights = kept("transformer", "diffusion_pytorch_model")?;
+            eprintln!("loaded in {:.1} s", t.elapsed().as_secs_f64());
+            let cfg = tr.config();
+            let g = side / 16;
+            let hidden = randn(&[1, 3 * g * g, cfg.in_channels])?;
+            let encoder = randn(&[1, MAX_SEQUENCE_LENGTH, cfg.joint_attention_dim])?;
+            let ids = Tensor::cat(
+                &[
+                    image_ids(g, g, 0, &dev).map_err(err)?,
+                    image_ids(g, g, 10, &dev).map_err(err)?,
+                    image_ids(g, g, 20, &dev).map_err(err)?,
+                ],
+                0,
+            )?;
+            let txt = text_ids(MAX_SEQUENCE_LENGTH, &dev).map_err(err)?;
+            timed(&mut || {
+                std::hint::black_box(
+                    tr.forward(&hidden, &encoder, 0.5, &ids, &txt, None)
+                        .map_err(err)?,
+                );
+                Ok(())
+            })?;
+        }
+        Flux2Part::VaeEncode | Flux2Part::VaeDecode => {
+            let dir = model_dir.join("vae");
+            let vae = AutoencoderKL::load(&dir, &dev).map_err(err)?;
+            let stats = vae.latent_stats(&dir, &dev).map_err(err)?;
+            eprintln!("loaded in {:.1} s", t.elapsed().as_secs_f64());
+            if part == Flux2Part::VaeEncode {
+                let image = randn(&[1, 3, 512, 512])?.clamp(-1f32, 1f32)?;
+                timed(&mut || {
+                    let (mode, _) = vae.encode(&image).map_err(err)?;
+                    std::hint::black_box(stats.normalise(&patchify(&mode)?)?);
+                    Ok(())
+                })?;
+            } else {
+                let z = randn(&[1, vae.config().latent_channels, 64, 64])?;
+                timed(&mut || {
+                    std::hint::black_box(vae.decode(&z).map_err(err)?);
+                    Ok(())
+                })?;
+            }
+        }
+        Flux2Part::Image => {
+            let model = Flux2Klein::load(model_dir, &DEFAULT_TEXT_LAYERS, &dev).map_err(err)?;
+            weights = kept("transformer", "diffusion_pytorch_model")?;
+            eprintln!("loaded in {:.1} s", t.elapsed().as_secs_f64());
+            let image = randn(&[1, 3, 512, 512])?.clamp(-1f32, 1f32)?;
+            let reference = randn(&[1, 3, 512, 512])?.clamp(-1f32, 1f32)?;
+            let references = [reference];
+            let inputs = RemixInputs {
+                image: &image,
+                mask: None,
+                references: &references,
+            };
+            let params = |steps| RemixParams {
+                prompt: BENCH_PROMPT.into(),
+                negative_prompt: String::new(),
+                steps,
+                strength: 1.0,
+                guidance_scale: 1.0,
+            };
+            // A one-step warm-up, as the diffusers side's.
+            let t = Instant::now();
+            model
+                .remix(
+                    &inputs,
+                    &params(1),
+                    &mut SeededNoise::new(0),
+                    &mut |_, _| true,
+                )
+                .map_err(err)?;
+            eprintln!("warm-up (1 step): {:.3} s", t.elapsed().as_secs_f64());
+            for _ in 0..repeats.max(1) {
+                let t = Instant::now();
+                let out = model
+                    .remix(
+                        &inputs,
+                        &params(4),
+                        &mut SeededNoise::new(1),
+                        &mut |_, _| true,
+                    )
+                    .map_err(err)?;
+                std::hint::black_box(out.decoded);
+                runs.push(t.elapsed().as_secs_f64());
+                eprintln!("run: {:.3} s", runs[runs.len() - 1]);
+            }
+        }
+    }
+    let mut sorted = runs.clone();
+    sorted.sort_by(f64::total_cmp);
+    let figures = json!({
+        "impl": "remixd",
+        "part": clap::ValueEnum::to_possible_value(&part).map(|v| v.get_name().to_owned()),
+        "seconds": sorted[sorted.len() / 2],
+        "runs": runs,
+        "peak_rss_mb": crate::membench::rss_mib(std::process::id())?.1,
+        "compute_dtype": "float32",
+        "weights_dtype": weights,
+        "threads": threads,
+    });
+    println!("{figures}");
+    Ok(())
+}
+
 /// What `bench sd` measures.
 pub struct SdBench {
     pub model_dir: std::path::PathBuf,

@@ -184,6 +184,22 @@ pub enum BenchCmd {
         #[arg(long, value_enum, value_delimiter = ',')]
         only: Vec<crate::bench::SdPart>,
     },
+    /// One part of the FLUX.2 [klein] model on the CPU (scripts/bench-flux2.sh runs each
+    /// part in its own process beside diffusers): one JSON object.
+    Flux2 {
+        /// Model directory in the diffusers layout.
+        #[arg(long)]
+        model_dir: PathBuf,
+        /// Threads for candle (sets RAYON_NUM_THREADS when given).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// The part to time.
+        #[arg(long, value_enum)]
+        part: crate::bench::Flux2Part,
+        /// Timed runs after one warm-up (the median is reported).
+        #[arg(long, default_value_t = 1)]
+        repeats: usize,
+    },
     /// Resident memory of a `remixd serve` child through hostile bursts: a 13-image
     /// task of 6000×6000 16-bit PNGs, 40 concurrent 10 MB base64 uploads (Linux).
     Memory {
@@ -456,6 +472,19 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 only,
             };
             tokio::task::spawn_blocking(move || crate::bench::sd(b)).await?
+        }
+        Command::Bench(BenchCmd::Flux2 {
+            model_dir,
+            threads,
+            part,
+            repeats,
+        }) => {
+            if let Some(n) = threads {
+                // Read by candle's thread pools when they first start, which is later.
+                std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+            }
+            tokio::task::spawn_blocking(move || crate::bench::flux2(&model_dir, part, repeats))
+                .await?
         }
         Command::Bench(BenchCmd::Memory {
             keep_freed,

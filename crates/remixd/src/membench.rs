@@ -32,7 +32,7 @@ use serde_json::{json, Value};
 use crate::settings::Settings;
 
 /// `VmRSS` and `VmHWM` of a process, in MiB.
-fn rss_mib(pid: u32) -> anyhow::Result<(f64, f64)> {
+pub(crate) fn rss_mib(pid: u32) -> anyhow::Result<(f64, f64)> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .with_context(|| format!("reading /proc/{pid}/status (Linux only)"))?;
     let field = |name: &str| -> anyhow::Result<f64> {
