@@ -99,16 +99,7 @@ impl CustomOp3 for TiledAttention {
         let q = Operand::new("q", s1, l1)?;
         let k = Operand::new("k", s2, l2)?;
         let v = Operand::new("v", s3, l3)?;
-        let [b, n, c] = q.dims;
-        let m = k.dims[1];
-        if k.dims != [b, m, c] || v.dims != k.dims {
-            candle_core::bail!(
-                "attention: q {:?}, k {:?} and v {:?} do not fit together",
-                q.dims,
-                k.dims,
-                v.dims
-            );
-        }
+        let ([b, n, c], _) = fitting(q.dims, k.dims, v.dims)?;
         if self.heads == 0 || c % self.heads != 0 {
             candle_core::bail!(
                 "attention: width {c} is not a multiple of {} heads",
@@ -118,6 +109,17 @@ impl CustomOp3 for TiledAttention {
         let out = attend(&q, &k, &v, self.heads, self.blocks, self.simd);
         Ok((CpuStorage::F32(out), Shape::from((b, n, c))))
     }
+}
+
+/// The sizes of an attention call, `([batch, queries, channels], keys)`, when the
+/// queries `q`, keys `k` and values `v` (each `[batch, tokens, channels]`) fit together.
+pub(crate) fn fitting(q: [usize; 3], k: [usize; 3], v: [usize; 3]) -> Result<([usize; 3], usize)> {
+    let [b, _, c] = q;
+    let m = k[1];
+    if k != [b, m, c] || v != k {
+        candle_core::bail!("attention: q {q:?}, k {k:?} and v {v:?} do not fit together");
+    }
+    Ok((q, m))
 }
 
 /// A `(batch, tokens, channels)` f32 operand as its storage and strides.

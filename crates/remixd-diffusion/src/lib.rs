@@ -20,6 +20,7 @@ pub mod model;
 pub mod noise;
 mod norm;
 pub mod pipeline;
+mod rows;
 pub mod scheduler;
 mod sgemm;
 mod simd;

@@ -60,15 +60,8 @@ pub enum Family {
 /// Which family the model directory `dir` holds, by its `model_index.json`'s pipeline
 /// class; a class of neither is refused with a sentence naming the ones remixd runs.
 pub fn family(dir: &Path) -> Result<Family> {
-    if !dir.is_dir() {
-        return Err(Error::MissingFile(dir.to_owned()));
-    }
-    let path = dir.join("model_index.json");
-    let index: Value = read_json(&path)?;
-    let class = index
-        .get("_class_name")
-        .and_then(Value::as_str)
-        .unwrap_or_default();
+    let (path, index, class) = read_index(dir)?;
+    let class = class.as_str();
     if crate::flux2::PIPELINES.contains(&class) {
         Ok(Family::Flux2Klein)
     } else if PIPELINES.contains(&class) {
@@ -88,16 +81,31 @@ pub fn family(dir: &Path) -> Result<Family> {
     }
 }
 
+/// `dir`'s `model_index.json`: its path, its contents and the pipeline class it names
+/// (empty when it names none).
+pub(crate) fn read_index(dir: &Path) -> Result<(PathBuf, Value, String)> {
+    if !dir.is_dir() {
+        return Err(Error::MissingFile(dir.to_owned()));
+    }
+    let path = dir.join("model_index.json");
+    let index: Value = read_json(&path)?;
+    let class = index
+        .get("_class_name")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned();
+    Ok((path, index, class))
+}
+
 /// Checks `model_index.json`: a pipeline class remixd runs, and the components it needs.
 fn check_index(dir: &Path) -> Result<()> {
-    let path = dir.join("model_index.json");
     if family(dir)? != Family::StableDiffusion {
         return Err(Error::Unsupported(format!(
             "{}: a FLUX.2 [klein] model, not Stable Diffusion",
-            path.display()
+            dir.join("model_index.json").display()
         )));
     }
-    let index: Value = read_json(&path)?;
+    let (path, index, _) = read_index(dir)?;
     check_components(
         &path,
         &index,

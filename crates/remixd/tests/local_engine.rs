@@ -10,6 +10,32 @@ use common::TestServer;
 use remixd_testkit::ImageServer;
 use serde_json::{json, Value};
 
+/// Waits for task `id` to succeed and downloads its images, each checked to be a PNG of
+/// `size`.
+async fn result_images(
+    srv: &TestServer,
+    id: &str,
+    wait_s: u64,
+    size: (u32, u32),
+) -> Vec<bytes::Bytes> {
+    let data = srv.api.wait_done(id, Duration::from_secs(wait_s)).await;
+    assert_eq!(data["state"], "success", "{data}");
+    let result: Value = serde_json::from_str(data["resultJson"].as_str().unwrap()).unwrap();
+    let mut images = Vec::new();
+    for u in result["resultUrls"].as_array().unwrap() {
+        let bytes = reqwest::get(u.as_str().unwrap())
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        let png = image::load_from_memory(&bytes).unwrap();
+        assert_eq!((png.width(), png.height()), size, "the image_size's pixels");
+        images.push(bytes);
+    }
+    images
+}
+
 fn tiny_model() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../remixd-diffusion/tests/fixtures/tiny-sd1")
@@ -32,23 +58,8 @@ async fn a_task_runs_through_the_local_engine() {
             &img.sample_task(json!({"num_images": "2", "seed": 5, "rendering_speed": "TURBO"})),
         )
         .await;
-    let data = srv.api.wait_done(&id, Duration::from_secs(120)).await;
-    assert_eq!(data["state"], "success", "{data}");
-    let result: Value = serde_json::from_str(data["resultJson"].as_str().unwrap()).unwrap();
-    let urls = result["resultUrls"].as_array().unwrap();
-    assert_eq!(urls.len(), 2);
-    let mut images = Vec::new();
-    for u in urls {
-        let bytes = reqwest::get(u.as_str().unwrap())
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap();
-        let png = image::load_from_memory(&bytes).unwrap();
-        assert_eq!((png.width(), png.height()), (512, 512), "image_size square");
-        images.push(bytes);
-    }
+    let images = result_images(&srv, &id, 120, (512, 512)).await;
+    assert_eq!(images.len(), 2);
     assert_ne!(images[0], images[1], "one seed per image");
     srv.stop().await;
 }
@@ -105,23 +116,8 @@ async fn a_character_remix_runs_through_flux2_klein() {
     let mut results = Vec::new();
     for character in ["astronaut.webp", "astronaut.webp", "coffee.webp"] {
         let id = srv.api.create_ok(&task(character)).await;
-        let data = srv.api.wait_done(&id, Duration::from_secs(300)).await;
-        assert_eq!(data["state"], "success", "{data}");
-        let result: Value = serde_json::from_str(data["resultJson"].as_str().unwrap()).unwrap();
-        let urls = result["resultUrls"].as_array().unwrap();
-        assert_eq!(urls.len(), 2);
-        let mut images = Vec::new();
-        for u in urls {
-            let bytes = reqwest::get(u.as_str().unwrap())
-                .await
-                .unwrap()
-                .bytes()
-                .await
-                .unwrap();
-            let png = image::load_from_memory(&bytes).unwrap();
-            assert_eq!((png.width(), png.height()), (1024, 768), "landscape_4_3");
-            images.push(bytes);
-        }
+        let images = result_images(&srv, &id, 300, (1024, 768)).await;
+        assert_eq!(images.len(), 2);
         assert_ne!(images[0], images[1], "one seed per image");
         results.push(images);
     }

@@ -22,7 +22,6 @@ use std::path::Path;
 use candle_core::{DType, Device};
 use serde_json::Value;
 
-use crate::error::read_json;
 use crate::vae::{AutoencoderKL, LatentStats};
 use crate::{Error, Result};
 use prompt::ChatPrompt;
@@ -136,13 +135,8 @@ impl Flux2Klein {
 /// Checks `model_index.json`: a pipeline class of this family and its components.
 /// Returns the index.
 fn check_index(dir: &Path) -> Result<Value> {
-    let path = dir.join("model_index.json");
-    let index: Value = read_json(&path)?;
-    let class = index
-        .get("_class_name")
-        .and_then(Value::as_str)
-        .unwrap_or_default();
-    if !PIPELINES.contains(&class) {
+    let (path, index, class) = crate::model::read_index(dir)?;
+    if !PIPELINES.contains(&class.as_str()) {
         return Err(Error::Unsupported(format!(
             "{}: pipeline class {class:?}; the FLUX.2 family runs {}",
             path.display(),

@@ -20,11 +20,11 @@
 //! AMD EPYC with FLUX.2's heads (24 × 128 channels, 1280–4608 tokens) this runs at
 //! 85–105 GFLOP/s, the tiled kernel at about 38 and PyTorch's CPU attention at about 76.
 
-use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::{kernel, Avx512, Out, KC, MR, NR};
+use crate::rows::Rows;
 use crate::simd::{exp, Kernel, Simd};
 
 /// Queries per task (a multiple of `MR`).
@@ -74,54 +74,6 @@ struct Attention {
     simd: Simd,
 }
 
-/// A `(batch, tokens, channels)` f32 operand with unit-stride rows.
-struct Operand<'a> {
-    data: &'a [f32],
-    start: usize,
-    dims: [usize; 3],
-    batch_stride: usize,
-    token_stride: usize,
-}
-
-impl<'a> Operand<'a> {
-    fn new(name: &str, storage: &'a CpuStorage, layout: &Layout) -> Result<Self> {
-        let CpuStorage::F32(data) = storage else {
-            candle_core::bail!("attention: {name} is {:?}, not f32", storage.dtype());
-        };
-        let (Ok(&[b, n, c]), Ok(&[sb, sn, sc])) = (
-            <&[usize; 3]>::try_from(layout.dims()),
-            <&[usize; 3]>::try_from(layout.stride()),
-        ) else {
-            candle_core::bail!("attention: {name} has shape {:?}, not 3-D", layout.dims());
-        };
-        if c > 1 && sc != 1 {
-            candle_core::bail!("attention: {name}'s rows are not unit-stride");
-        }
-        let op = Self {
-            data: data.as_slice(),
-            start: layout.start_offset(),
-            dims: [b, n, c],
-            batch_stride: sb,
-            token_stride: sn,
-        };
-        // The last row ends last, so with this check no `row` runs past the storage.
-        if b * n * c > 0 && op.offset(b - 1, n - 1) + c > op.data.len() {
-            candle_core::bail!("attention: {name}'s layout runs past its storage");
-        }
-        Ok(op)
-    }
-
-    fn offset(&self, batch: usize, token: usize) -> usize {
-        self.start + batch * self.batch_stride + token * self.token_stride
-    }
-
-    /// Channels `from..from + len` of token `token` of batch entry `batch`.
-    fn row(&self, batch: usize, token: usize, from: usize, len: usize) -> &'a [f32] {
-        let first = self.offset(batch, token) + from;
-        &self.data[first..first + len]
-    }
-}
-
 /// The sizes of one call.
 #[derive(Clone, Copy)]
 struct Dims {
@@ -154,19 +106,10 @@ impl CustomOp3 for Attention {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let q = Operand::new("q", s1, l1)?;
-        let k = Operand::new("k", s2, l2)?;
-        let v = Operand::new("v", s3, l3)?;
-        let [b, n, c] = q.dims;
-        let m = k.dims[1];
-        if k.dims != [b, m, c] || v.dims != k.dims {
-            candle_core::bail!(
-                "attention: q {:?}, k {:?} and v {:?} do not fit together",
-                q.dims,
-                k.dims,
-                v.dims
-            );
-        }
+        let q = Rows::new("attention: q", s1, l1)?;
+        let k = Rows::new("attention: k", s2, l2)?;
+        let v = Rows::new("attention: v", s3, l3)?;
+        let ([b, n, c], m) = crate::attention::fitting(q.dims, k.dims, v.dims)?;
         let heads = self.heads;
         if heads == 0 || c % heads != 0 {
             candle_core::bail!("attention: width {c} is not a multiple of {heads} heads");
@@ -219,7 +162,7 @@ impl CustomOp3 for Attention {
 /// The keys of every (batch entry, head) as column panels: for head slot `bh`, channel
 /// block `p` and key panel `kp`, at `((bh·d_blocks + p)·key_panels + kp)·KC·NR + i·NR + j`,
 /// channel `p·KC + i` of key `kp·NR + j` (zero past the last key).
-fn pack_keys(k: &Operand, dims: Dims) -> Vec<f32> {
+fn pack_keys(k: &Rows, dims: Dims) -> Vec<f32> {
     let Dims {
         heads,
         d,
@@ -237,7 +180,7 @@ fn pack_keys(k: &Operand, dims: Dims) -> Vec<f32> {
             let (batch, head) = (bh / heads, bh % heads);
             let (c0, kc) = (p * KC, KC.min(d - p * KC));
             for j in 0..NR.min(m - kp * NR) {
-                let src = k.row(batch, kp * NR + j, head * d + c0, kc);
+                let src = k.part(batch, kp * NR + j, head * d + c0, kc);
                 for (i, &x) in src.iter().enumerate() {
                     dst[i * NR + j] = x;
                 }
@@ -249,7 +192,7 @@ fn pack_keys(k: &Operand, dims: Dims) -> Vec<f32> {
 /// The values of every (batch entry, head) as column panels: for head slot `bh`, key
 /// block `p` and channel panel `cp`, at `((bh·key_blocks + p)·d_panels + cp)·KC·NR +
 /// i·NR + j`, channel `cp·NR + j` of key `p·KC + i` (zero past the last key or channel).
-fn pack_values(v: &Operand, dims: Dims) -> Vec<f32> {
+fn pack_values(v: &Rows, dims: Dims) -> Vec<f32> {
     let Dims {
         heads,
         d,
@@ -267,7 +210,7 @@ fn pack_values(v: &Operand, dims: Dims) -> Vec<f32> {
             let (batch, head) = (bh / heads, bh % heads);
             let width = NR.min(d - cp * NR);
             for i in 0..KC.min(m - p * KC) {
-                let src = v.row(batch, p * KC + i, head * d + cp * NR, width);
+                let src = v.part(batch, p * KC + i, head * d + cp * NR, width);
                 dst[i * NR..i * NR + width].copy_from_slice(src);
             }
         });
@@ -315,7 +258,7 @@ struct Task {
 }
 
 impl Task {
-    fn run(&self, q: &Operand, keys: &[f32], values: &[f32], s: &mut Scratch, out: Out) {
+    fn run(&self, q: &Rows, keys: &[f32], values: &[f32], s: &mut Scratch, out: Out) {
         let Dims {
             heads,
             d,
@@ -334,7 +277,7 @@ impl Task {
         for p in 0..d_blocks {
             let (c0, kc) = (p * KC, KC.min(d - p * KC));
             for i in 0..rows {
-                let src = q.row(self.batch, self.first + i, self.head * d + c0, kc);
+                let src = q.part(self.batch, self.first + i, self.head * d + c0, kc);
                 let panel = &mut s.queries[(p * (BQ / MR) + i / MR) * KC * MR..];
                 for (kk, &x) in src.iter().enumerate() {
                     panel[kk * MR + i % MR] = x * scale;

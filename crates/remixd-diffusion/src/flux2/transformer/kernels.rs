@@ -20,12 +20,12 @@
 //! dtypes run the same math as candle ops (the `*_candle` functions, which the tests use
 //! as the reference).
 
-use candle_core::backend::BackendStorage;
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D,
 };
 use rayon::prelude::*;
 
+use crate::rows::Rows;
 use crate::simd::{mul_add, silu, Kernel, Simd};
 
 /// Rows (tokens) handed to a rayon task at once.
@@ -49,55 +49,6 @@ fn unit_rows(x: &Tensor) -> Result<Tensor> {
 /// The values of a small `[n]` parameter (a modulation vector, a norm weight) as f32.
 fn values(t: &Tensor) -> Result<Vec<f32>> {
     t.to_dtype(DType::F32)?.to_vec1::<f32>()
-}
-
-/// A `(batch, tokens, width)` f32 operand of a CPU op, read row by row.
-struct Rows<'a> {
-    data: &'a [f32],
-    start: usize,
-    dims: [usize; 3],
-    batch_stride: usize,
-    token_stride: usize,
-}
-
-impl<'a> Rows<'a> {
-    fn new(what: &str, storage: &'a CpuStorage, layout: &Layout) -> Result<Self> {
-        let CpuStorage::F32(data) = storage else {
-            candle_core::bail!("{what} is {:?}, not f32", storage.dtype());
-        };
-        let (Ok(&[b, s, w]), Ok(&[sb, ss, sw])) = (
-            <&[usize; 3]>::try_from(layout.dims()),
-            <&[usize; 3]>::try_from(layout.stride()),
-        ) else {
-            candle_core::bail!("{what} has shape {:?}, not 3-D", layout.dims());
-        };
-        if w > 1 && sw != 1 {
-            candle_core::bail!("{what}: its rows are not unit-stride");
-        }
-        let rows = Self {
-            data: data.as_slice(),
-            start: layout.start_offset(),
-            dims: [b, s, w],
-            batch_stride: sb,
-            token_stride: ss,
-        };
-        // Every row lies at or before the last one, so with this check no `row` runs past
-        // the storage.
-        if b * s * w > 0 && rows.offset(b - 1, s - 1) + w > rows.data.len() {
-            candle_core::bail!("{what}: its layout runs past its storage");
-        }
-        Ok(rows)
-    }
-
-    fn offset(&self, batch: usize, token: usize) -> usize {
-        self.start + batch * self.batch_stride + token * self.token_stride
-    }
-
-    /// The `width` values of row `(batch, token)`.
-    fn row(&self, batch: usize, token: usize) -> &'a [f32] {
-        let first = self.offset(batch, token);
-        &self.data[first..first + self.dims[2]]
-    }
 }
 
 /// Runs `f(batch, token, out_row)` over every row of a new `(b, s, width)` buffer, in
