@@ -215,15 +215,7 @@ impl LocalEngineSettings {
         let Some(model_dir) = self.model_dir.clone() else {
             anyhow::bail!("engine.kind = \"local\" needs engine.local.model_dir (a diffusers-layout model directory)");
         };
-        self.check()?;
-        let steps = match (self.steps_turbo, self.steps_balanced, self.steps_quality) {
-            (None, None, None) => None,
-            (Some(t), Some(b), Some(q)) => Some([t, b, q]),
-            _ => anyhow::bail!(
-                "engine.local.steps_turbo, steps_balanced and steps_quality are set together \
-                 or not at all (unset: the model family's presets)"
-            ),
-        };
+        let steps = self.check()?;
         let scheduler = remixd_diffusion::engine::scheduler_setting(&self.scheduler)?;
         Ok(remixd_diffusion::engine::LocalConfig {
             model_dir,
@@ -236,8 +228,9 @@ impl LocalEngineSettings {
         })
     }
 
-    /// The ranges of the values that are set; errors name the setting.
-    fn check(&self) -> anyhow::Result<()> {
+    /// The ranges of the values that are set, and the steps per speed when they are;
+    /// errors name the setting.
+    fn check(&self) -> anyhow::Result<Option<[usize; 3]>> {
         for (key, v) in [
             ("steps_turbo", self.steps_turbo),
             ("steps_balanced", self.steps_balanced),
@@ -269,7 +262,14 @@ impl LocalEngineSettings {
             "engine.local.text_layers must list 1 to 16 layer indices (each at most 1000), \
              such as [9, 18, 27]"
         );
-        Ok(())
+        match (self.steps_turbo, self.steps_balanced, self.steps_quality) {
+            (None, None, None) => Ok(None),
+            (Some(t), Some(b), Some(q)) => Ok(Some([t, b, q])),
+            _ => anyhow::bail!(
+                "engine.local.steps_turbo, steps_balanced and steps_quality are set together \
+                 or not at all (unset: the model family's presets)"
+            ),
+        }
     }
 }
 
@@ -988,6 +988,18 @@ mod tests {
                 (
                     "[engine.local]\nguidance_scale = nan\n",
                     "engine.local.guidance_scale",
+                ),
+                (
+                    "[engine.local]\nsteps_turbo = 2\n",
+                    "engine.local.steps_turbo, steps_balanced and steps_quality",
+                ),
+                (
+                    "[engine.local]\ntext_layers = []\n",
+                    "engine.local.text_layers",
+                ),
+                (
+                    "[engine.local]\nnative_side = 8\n",
+                    "engine.local.native_side",
                 ),
                 ("[engine.fal]\nretries = 100\n", "engine.fal.retries"),
                 (
