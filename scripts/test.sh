@@ -14,6 +14,12 @@ echo "== schemathesis"
 scripts/schemathesis.sh
 
 echo "== tests"
+# A throwaway PostgreSQL for the PostgreSQL store's tests (installed when missing),
+# stopped and deleted when this script exits.
+# shellcheck source=scripts/postgres.sh
+source scripts/postgres.sh
+trap postgres_stop EXIT
+postgres_start
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --locked --no-fail-fast
 else

@@ -118,6 +118,7 @@ pub async fn create_task(
     state
         .limits
         .check_create(&caller.account_id)
+        .await
         .map_err(|secs| ApiError::RateLimited {
             msg: "too many tasks created; slow down".into(),
             retry_after_s: secs,
@@ -731,6 +732,7 @@ async fn querying_caller(
     state
         .limits
         .check_query(&caller.key_id)
+        .await
         .map_err(|secs| ApiError::RateLimited {
             msg: "too many queries; slow down".into(),
             retry_after_s: secs,

@@ -172,11 +172,13 @@ impl AppState {
         cfg: ApiConfig,
         hooks: Hooks,
     ) -> Self {
-        let limits = Limits::new(cfg.create_per_10s, cfg.query_per_s).with_uploads(
-            cfg.uploads_per_10s,
-            cfg.uploads_in_flight_per_account,
-            cfg.uploads_in_flight,
-        );
+        let limits = Limits::new(cfg.create_per_10s, cfg.query_per_s)
+            .with_uploads(
+                cfg.uploads_per_10s,
+                cfg.uploads_in_flight_per_account,
+                cfg.uploads_in_flight,
+            )
+            .shared_through(store.clone());
         let reader = store.clone();
         let fetch: watch::FetchFn<TaskRecord> = Arc::new(move |id| {
             let store = reader.clone();

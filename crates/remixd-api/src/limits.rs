@@ -1,9 +1,12 @@
 //! Rate limits: creates and uploads per account per 10 s, queries per key per second;
 //! and caps on uploads in flight, per account and in all.
 //!
-//! GCRA limiters from `governor`, keyed by account or key id, in this process's
-//! memory: each API node enforces them on its own. Over the limit the request is
-//! answered 429 at once with `Retry-After`; nothing is queued.
+//! GCRA limiters keyed by account or key id. Where the store keeps shared counters
+//! (PostgreSQL: [`Store::rate_check`]), the rate limits are counted there, so N API nodes
+//! enforce the same limits as one; otherwise, and whenever the database cannot answer,
+//! `governor`'s limiters in this process's memory count them. Over the limit the request
+//! is answered 429 at once with `Retry-After`; nothing is queued. The caps on uploads in
+//! flight bound this process's memory, so they stay per process.
 //!
 //! An upload holds up to two copies of a 10 MB file while it is read and checked, so
 //! the number in flight is what bounds the memory uploads take: an [`UploadSlot`] is
@@ -17,16 +20,28 @@ use std::time::Duration;
 use governor::clock::{Clock, DefaultClock};
 use governor::state::keyed::DefaultKeyedStateStore;
 use governor::{Quota, RateLimiter};
+use remixd_store::{RateDecision, Store};
 
 type Keyed = RateLimiter<String, DefaultKeyedStateStore<String>, DefaultClock>;
 
+/// One rate limit: this process's limiter, and the same limit for the shared counters.
+struct Limiter {
+    /// Names the limit in the shared counters' keys.
+    name: &'static str,
+    local: Keyed,
+    /// Microseconds between requests on average.
+    interval_us: i64,
+    burst: i64,
+}
+
 /// The limiters of the API.
 pub struct Limits {
-    create: Option<Keyed>,
-    query: Option<Keyed>,
-    upload: Option<Keyed>,
+    create: Option<Limiter>,
+    query: Option<Limiter>,
+    upload: Option<Limiter>,
     clock: DefaultClock,
     uploads: Arc<Mutex<InFlight>>,
+    shared: Option<Arc<dyn Store>>,
 }
 
 /// Uploads being handled now.
@@ -76,27 +91,40 @@ impl std::fmt::Debug for Limits {
 }
 
 /// `n` requests per `period`, all of them usable in a burst. `0` turns the limit off.
-fn quota(n: u32, period: Duration) -> Option<Quota> {
+fn limiter(name: &'static str, n: u32, period: Duration) -> Option<Limiter> {
     let burst = NonZeroU32::new(n)?;
-    Quota::with_period(period / n).map(|q| q.allow_burst(burst))
+    let quota = Quota::with_period(period / n)?.allow_burst(burst);
+    Some(Limiter {
+        name,
+        local: RateLimiter::keyed(quota),
+        interval_us: ((period / n).as_micros() as i64).max(1),
+        burst: i64::from(n),
+    })
 }
 
 impl Limits {
     /// Create and query limits; uploads unlimited until [`Limits::with_uploads`].
     pub fn new(create_per_10s: u32, query_per_s: u32) -> Self {
         Self {
-            create: quota(create_per_10s, Duration::from_secs(10)).map(RateLimiter::keyed),
-            query: quota(query_per_s, Duration::from_secs(1)).map(RateLimiter::keyed),
+            create: limiter("create", create_per_10s, Duration::from_secs(10)),
+            query: limiter("query", query_per_s, Duration::from_secs(1)),
             upload: None,
             clock: DefaultClock::default(),
             uploads: Arc::default(),
+            shared: None,
         }
+    }
+
+    /// Counts the rate limits in `store`'s shared counters when it keeps them.
+    pub fn shared_through(mut self, store: Arc<dyn Store>) -> Self {
+        self.shared = Some(store);
+        self
     }
 
     /// Upload limits: `per_10s` per account (0: none), and at most `per_account` and
     /// `total` uploads in flight (0: no cap).
     pub fn with_uploads(mut self, per_10s: u32, per_account: usize, total: usize) -> Self {
-        self.upload = quota(per_10s, Duration::from_secs(10)).map(RateLimiter::keyed);
+        self.upload = limiter("upload", per_10s, Duration::from_secs(10));
         {
             let mut f = self.uploads.lock().expect("upload slots");
             f.per_account = per_account;
@@ -105,27 +133,41 @@ impl Limits {
         self
     }
 
-    fn check(&self, limiter: &Option<Keyed>, key: &str) -> Result<(), u64> {
+    async fn check(&self, limiter: &Option<Limiter>, key: &str) -> Result<(), u64> {
         let Some(l) = limiter else { return Ok(()) };
-        l.check_key(&key.to_string()).map_err(|not_until| {
+        if let Some(store) = &self.shared {
+            let counter = format!("{} {key}", l.name);
+            match store.rate_check(&counter, l.interval_us, l.burst).await {
+                Ok(Some(RateDecision::Allowed)) => return Ok(()),
+                Ok(Some(RateDecision::Wait { us })) => {
+                    return Err((us.max(0) as u64).div_ceil(1_000_000).max(1))
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(
+                    error = %e,
+                    "shared rate limits unavailable; this node limits on its own meanwhile"
+                ),
+            }
+        }
+        l.local.check_key(&key.to_string()).map_err(|not_until| {
             let wait = not_until.wait_time_from(self.clock.now());
             wait.as_secs() + u64::from(wait.subsec_nanos() > 0)
         })
     }
 
     /// A createTask by this account; `Err(seconds to wait)` when over the limit.
-    pub fn check_create(&self, account_id: &str) -> Result<(), u64> {
-        self.check(&self.create, account_id)
+    pub async fn check_create(&self, account_id: &str) -> Result<(), u64> {
+        self.check(&self.create, account_id).await
     }
 
     /// A query by this key; `Err(seconds to wait)` when over the limit.
-    pub fn check_query(&self, key_id: &str) -> Result<(), u64> {
-        self.check(&self.query, key_id)
+    pub async fn check_query(&self, key_id: &str) -> Result<(), u64> {
+        self.check(&self.query, key_id).await
     }
 
     /// An upload by this account; `Err(seconds to wait)` when over the limit.
-    pub fn check_upload(&self, account_id: &str) -> Result<(), u64> {
-        self.check(&self.upload, account_id)
+    pub async fn check_upload(&self, account_id: &str) -> Result<(), u64> {
+        self.check(&self.upload, account_id).await
     }
 
     /// A slot for one upload of this account, held while it is handled.
@@ -148,14 +190,19 @@ impl Limits {
         })
     }
 
-    /// Forgets idle keys, so the maps do not grow without bound.
-    pub fn prune(&self) {
+    /// Forgets idle keys, so the maps (and the shared counters) do not grow without bound.
+    pub async fn prune(&self) {
         for l in [&self.create, &self.query, &self.upload]
             .into_iter()
             .flatten()
         {
-            l.retain_recent();
-            l.shrink_to_fit();
+            l.local.retain_recent();
+            l.local.shrink_to_fit();
+        }
+        if let Some(store) = &self.shared {
+            if let Err(e) = store.prune_rates().await {
+                tracing::debug!(error = %e, "could not prune the shared rate counters");
+            }
         }
     }
 }
@@ -164,33 +211,36 @@ impl Limits {
 mod tests {
     use super::*;
 
-    #[test]
-    fn burst_then_refuse_per_key() {
+    #[tokio::test]
+    async fn burst_then_refuse_per_key() {
         let l = Limits::new(3, 2);
         for _ in 0..3 {
-            assert!(l.check_create("a").is_ok());
+            assert!(l.check_create("a").await.is_ok());
         }
-        let wait = l.check_create("a").unwrap_err();
+        let wait = l.check_create("a").await.unwrap_err();
         assert!((1..=4).contains(&wait), "{wait}");
-        assert!(l.check_create("b").is_ok(), "limits are per account");
-        assert!(l.check_query("k").is_ok() && l.check_query("k").is_ok());
-        assert!(l.check_query("k").is_err());
+        assert!(l.check_create("b").await.is_ok(), "limits are per account");
+        assert!(l.check_query("k").await.is_ok() && l.check_query("k").await.is_ok());
+        assert!(l.check_query("k").await.is_err());
         let off = Limits::new(0, 0);
         for _ in 0..100 {
-            assert!(off.check_create("a").is_ok());
-            assert!(off.check_upload("a").is_ok(), "no upload limit unless set");
+            assert!(off.check_create("a").await.is_ok());
+            assert!(
+                off.check_upload("a").await.is_ok(),
+                "no upload limit unless set"
+            );
         }
     }
 
-    #[test]
-    fn uploads_are_rate_limited_per_account() {
+    #[tokio::test]
+    async fn uploads_are_rate_limited_per_account() {
         let l = Limits::new(0, 0).with_uploads(2, 0, 0);
-        assert!(l.check_upload("a").is_ok() && l.check_upload("a").is_ok());
-        let wait = l.check_upload("a").unwrap_err();
+        assert!(l.check_upload("a").await.is_ok() && l.check_upload("a").await.is_ok());
+        let wait = l.check_upload("a").await.unwrap_err();
         assert!((1..=5).contains(&wait), "{wait}");
-        assert!(l.check_upload("b").is_ok());
+        assert!(l.check_upload("b").await.is_ok());
         assert!(
-            l.check_create("a").is_ok(),
+            l.check_create("a").await.is_ok(),
             "creates have their own limiter"
         );
     }

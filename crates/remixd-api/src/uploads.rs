@@ -243,7 +243,7 @@ async fn admit(state: &AppState, headers: &HeaderMap) -> Result<(Caller, UploadS
     state.check_enabled("upload")?;
     let caller = authenticate(&*state.store, headers).await?;
     state.check_space()?;
-    if let Err(wait) = state.limits.check_upload(&caller.account_id) {
+    if let Err(wait) = state.limits.check_upload(&caller.account_id).await {
         return Err(too_many(
             format!(
                 "too many uploads: at most {} every 10 seconds per account",

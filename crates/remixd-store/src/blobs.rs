@@ -1,4 +1,6 @@
-//! File storage for uploads and results, on top of `object_store`.
+//! File storage for uploads and results, on top of `object_store`: a directory on the
+//! local disk (`file://DIR`) or an S3-compatible bucket (`s3://bucket/prefix`, through
+//! `object_store`'s S3 client, which can also sign time-limited GET URLs for it).
 //!
 //! Keys are relative paths such as `results/<task>/<token>/0.png`. The token is 128
 //! random bits, which is what makes a result URL unguessable. A key is checked before
@@ -12,8 +14,11 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
+use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::local::LocalFileSystem;
 use object_store::path::Path;
+use object_store::prefix::PrefixStore;
+use object_store::signer::Signer;
 use object_store::{ObjectStore, PutPayload};
 use remixd_domain::ServerOrigin;
 
@@ -56,6 +61,37 @@ pub struct Blobs {
     /// The root directory, for storage on the local disk: deleting a key there leaves its
     /// directories behind, which [`Blobs::delete`] and [`Blobs::delete_prefix`] prune.
     local: Option<std::path::PathBuf>,
+    /// For a bucket: its client, and the prefix keys live under, to sign URLs with.
+    bucket: Option<(Arc<AmazonS3>, String)>,
+}
+
+/// How to reach an S3-compatible bucket (`storage.s3.*`). Unset values come from the
+/// environment as the AWS tools read it (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
+/// `AWS_REGION`, `AWS_ENDPOINT_URL`…).
+#[derive(Clone, Default)]
+pub struct S3Options {
+    /// A custom endpoint (`http://127.0.0.1:9000`) for servers other than AWS.
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    pub access_key: Option<String>,
+    pub secret: Option<String>,
+    /// `bucket` in the path (`endpoint/bucket/key`) rather than in the host name.
+    pub path_style: bool,
+}
+
+impl std::fmt::Debug for S3Options {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Options")
+            .field("endpoint", &self.endpoint)
+            .field("region", &self.region)
+            .field(
+                "access_key",
+                &self.access_key.as_ref().map(|_| "<redacted>"),
+            )
+            .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
+            .field("path_style", &self.path_style)
+            .finish()
+    }
 }
 
 impl std::fmt::Debug for Blobs {
@@ -131,6 +167,13 @@ fn path(key: &str) -> Result<Path, BlobError> {
 impl Blobs {
     /// Opens storage at a `file://DIR` URL (creating the directory).
     pub fn open(url: &str) -> Result<Self, BlobError> {
+        Self::open_with(url, &S3Options::default())
+    }
+
+    /// Opens storage at a `file://DIR` URL (creating the directory) or an
+    /// `s3://bucket[/prefix]` URL reached with `s3`. Opening a bucket does not contact
+    /// it: [`Blobs::probe`] does.
+    pub fn open_with(url: &str, s3: &S3Options) -> Result<Self, BlobError> {
         if let Some(dir) = url.strip_prefix("file://") {
             std::fs::create_dir_all(dir)?;
             let fs = LocalFileSystem::new_with_prefix(dir)?;
@@ -138,6 +181,49 @@ impl Blobs {
                 inner: Arc::new(fs),
                 describe: url.to_string(),
                 local: Some(std::path::absolute(dir)?),
+                bucket: None,
+            });
+        }
+        if let Some(rest) = url.strip_prefix("s3://") {
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            let prefix = prefix.trim_matches('/');
+            if bucket.is_empty() || !(prefix.is_empty() || valid_key(prefix)) {
+                return Err(BlobError::Unsupported(format!(
+                    "{url} (expected s3://bucket or s3://bucket/prefix, the prefix made of \
+                     [A-Za-z0-9._-] segments)"
+                )));
+            }
+            let mut b = AmazonS3Builder::from_env()
+                .with_bucket_name(bucket)
+                .with_virtual_hosted_style_request(!s3.path_style);
+            if let Some(r) = &s3.region {
+                b = b.with_region(r);
+            } else if std::env::var_os("AWS_REGION").is_none()
+                && std::env::var_os("AWS_DEFAULT_REGION").is_none()
+            {
+                b = b.with_region("us-east-1");
+            }
+            if let Some(e) = &s3.endpoint {
+                b = b.with_endpoint(e).with_allow_http(e.starts_with("http://"));
+            }
+            if let Some(k) = &s3.access_key {
+                b = b.with_access_key_id(k);
+            }
+            if let Some(k) = &s3.secret {
+                b = b.with_secret_access_key(k);
+            }
+            let client = Arc::new(b.build()?);
+            let inner: Arc<dyn ObjectStore> = if prefix.is_empty() {
+                client.clone()
+            } else {
+                let shared: Arc<dyn ObjectStore> = client.clone();
+                Arc::new(PrefixStore::new(shared, prefix))
+            };
+            return Ok(Self {
+                inner,
+                describe: url.to_string(),
+                local: None,
+                bucket: Some((client, prefix.to_string())),
             });
         }
         Err(BlobError::Unsupported(url.to_string()))
@@ -149,7 +235,35 @@ impl Blobs {
             inner,
             describe: describe.to_string(),
             local: None,
+            bucket: None,
         }
+    }
+
+    /// Whether the files are in a bucket that can sign URLs ([`Blobs::presigned_get`]).
+    pub fn can_presign(&self) -> bool {
+        self.bucket.is_some()
+    }
+
+    /// A URL of the bucket that lets whoever holds it GET `key` for `expires_in`, signed
+    /// with the storage's credentials; `None` when the files are not in a bucket.
+    pub async fn presigned_get(
+        &self,
+        key: &str,
+        expires_in: std::time::Duration,
+    ) -> Result<Option<url::Url>, BlobError> {
+        let Some((client, prefix)) = &self.bucket else {
+            return Ok(None);
+        };
+        let full = if prefix.is_empty() {
+            path(key)?
+        } else {
+            path(&format!("{prefix}/{key}"))?
+        };
+        Ok(Some(
+            client
+                .signed_url(http::Method::GET, &full, expires_in)
+                .await?,
+        ))
     }
 
     pub async fn put(&self, key: &str, bytes: Bytes) -> Result<(), BlobError> {
@@ -250,6 +364,19 @@ impl Blobs {
             .iter()
             .filter_map(|p| p.filename().map(str::to_string))
             .collect())
+    }
+
+    /// Every key in the storage, sorted (the store copy).
+    pub async fn list_all(&self) -> Result<Vec<String>, BlobError> {
+        use futures::TryStreamExt;
+        let mut keys: Vec<String> = self
+            .inner
+            .list(None)
+            .map_ok(|m| m.location.to_string())
+            .try_collect()
+            .await?;
+        keys.sort();
+        Ok(keys)
     }
 
     /// Writes and reads back a small probe object, for `/readyz`.

@@ -96,6 +96,63 @@ where
     retention_rows(&*make().await).await;
     task_list_pages(&*make().await).await;
     upload_quota(make().await).await;
+    concurrent_claims_take_each_task_once(make().await).await;
+}
+
+/// Many workers claiming at once, through both stages, each under its own name: every
+/// task is fetched once and generated once, and none is left behind.
+pub async fn concurrent_claims_take_each_task_once(s: Arc<dyn Store>) {
+    let (acct, key) = account_with_key(&*s, "claims", 1000, KeyLimits::default()).await;
+    let mut ids = Vec::new();
+    for i in 0..40 {
+        let t = new_task(&acct, &key, 1, 10 + i);
+        s.create_task(t.clone()).await.unwrap();
+        ids.push(t.id);
+    }
+    let workers: Vec<_> = (0..8)
+        .map(|w| {
+            let s = s.clone();
+            tokio::spawn(async move {
+                let owner = format!("w{w}");
+                let (mut fetched, mut generated) = (Vec::new(), Vec::new());
+                loop {
+                    if let Some(t) = s.claim_fetch(&owner, 100, 10_000, 2).await.unwrap() {
+                        assert!(s.inputs_ready(&t.id, &owner, 101).await.unwrap());
+                        fetched.push(t.id);
+                    } else if let Some(t) =
+                        s.claim(Stage::Generate, &owner, 200, 10_000).await.unwrap()
+                    {
+                        assert_eq!(t.lease_owner.as_deref(), Some(owner.as_str()));
+                        assert!(
+                            s.succeed(&t.id, &owner, "{}", 201).await.unwrap()
+                                == Finish::Done { refunded: 0 }
+                        );
+                        generated.push(t.id);
+                    } else {
+                        break;
+                    }
+                    tokio::task::yield_now().await;
+                }
+                (fetched, generated)
+            })
+        })
+        .collect();
+    let (mut fetched, mut generated) = (Vec::new(), Vec::new());
+    for w in workers {
+        let (f, g) = w.await.unwrap();
+        fetched.extend(f);
+        generated.extend(g);
+    }
+    for list in [&mut fetched, &mut generated] {
+        list.sort();
+    }
+    ids.sort();
+    assert_eq!(fetched, ids, "each task fetched exactly once");
+    assert_eq!(generated, ids, "each task generated exactly once");
+    assert_eq!(
+        s.count_by_state().await.unwrap(),
+        vec![(TaskState::Success, 40)]
+    );
 }
 
 /// An account's tasks, newest first, page after page; never another account's.
@@ -821,4 +878,40 @@ pub async fn upload_quota(s: Arc<dyn Store>) {
     }
     assert_eq!(passed, 3);
     assert_eq!(s.upload_bytes(&c, 5).await.unwrap(), 90);
+}
+
+/// A copy of task `$1`, expired in a fetch lease, under an id that is not a task id: a
+/// row written behind remixd's back. Valid SQL on both stores.
+pub const CORRUPT_ROW_SQL: &str =
+    "INSERT INTO tasks (id, account_id, key_id, model, state, param, \
+    input, cost, credits_consumed, lease_owner, lease_until, create_time, update_time) \
+    SELECT 'not-a-task-id', account_id, key_id, model, 'waiting', param, input, cost, \
+    credits_consumed, 'w', 20, create_time, update_time FROM tasks WHERE id = $1";
+
+/// The reaper is not held up by a row it cannot handle: the corrupt row (written by
+/// `insert_corrupt`, which runs [`CORRUPT_ROW_SQL`] with the given id on its own
+/// connection) is reported and left alone, and the other expired task still goes back
+/// to its queue in the same pass.
+pub async fn reaper_skips_a_corrupt_row<F, Fut>(s: &dyn Store, insert_corrupt: F)
+where
+    F: FnOnce(String) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let (acct, key) = account_with_key(s, "a", 100, Default::default()).await;
+    let t = new_task(&acct, &key, 10, 1);
+    s.create_task(t.clone()).await.unwrap();
+    let claimed = s.claim(Stage::Fetch, "w", 10, 20).await.unwrap().unwrap();
+    assert_eq!(claimed.id, t.id);
+    insert_corrupt(t.id.to_string()).await;
+
+    let r = s.reap(1_000, 3).await.expect("the pass completes");
+    assert_eq!(r.requeued, vec![t.id], "the good task is requeued");
+    assert_eq!(r.skipped.len(), 1, "{r:?}");
+    assert_eq!(r.skipped[0].0, "not-a-task-id");
+    // The good task can be claimed again at once.
+    assert!(s
+        .claim(Stage::Fetch, "w2", 1_001, 2_000)
+        .await
+        .unwrap()
+        .is_some());
 }

@@ -3,8 +3,8 @@
 //! [`Store`] is everything remixd keeps in its database: accounts and their credits,
 //! API keys, and the task table, which doubles as the durable work queue. Callers hold
 //! an `Arc<dyn Store>` and never see SQL; [`sqlite::SqliteStore`] is the embedded
-//! implementation, and a PostgreSQL one implements the same trait against the same
-//! contract tests.
+//! implementation and [`postgres::PostgresStore`] the shared one for several nodes; both
+//! pass the same contract tests ([`contract`]) and read rows through [`rows`].
 //!
 //! [`blobs::Blobs`] is the file side: uploads and result images, on the local disk or,
 //! later, in an S3-compatible bucket.
@@ -19,7 +19,10 @@
 pub mod blobs;
 #[cfg(any(test, feature = "contract-tests"))]
 pub mod contract;
+pub mod copy;
 pub mod links;
+pub mod postgres;
+mod rows;
 pub mod space;
 pub mod sqlite;
 
@@ -27,6 +30,7 @@ use async_trait::async_trait;
 use remixd_domain::{FailCode, KeyLimits, Millis, TaskId, TaskInput, TaskState};
 
 pub use blobs::{BlobError, Blobs};
+pub use postgres::PostgresStore;
 pub use space::{SpaceError, SpaceGuard};
 pub use sqlite::SqliteStore;
 
@@ -65,14 +69,16 @@ impl From<sqlx::Error> for StoreError {
     }
 }
 
-/// SQLite's `SQLITE_FULL` (13, in the low byte of its extended codes), or an IO error
-/// that says the device is out of space.
+/// SQLite's `SQLITE_FULL` (13, in the low byte of its extended codes), PostgreSQL's
+/// `disk_full` (SQLSTATE 53100), or an IO error that says the device is out of space.
 fn is_disk_full(e: &sqlx::Error) -> bool {
     match e {
-        sqlx::Error::Database(d) => d
-            .code()
-            .and_then(|c| c.parse::<i64>().ok())
-            .is_some_and(|c| c & 0xff == 13),
+        sqlx::Error::Database(d) if d.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() => {
+            d.code()
+                .and_then(|c| c.parse::<i64>().ok())
+                .is_some_and(|c| c & 0xff == 13)
+        }
+        sqlx::Error::Database(d) => d.code().as_deref() == Some("53100"),
         sqlx::Error::Io(io) => io.raw_os_error() == Some(28), // ENOSPC
         _ => false,
     }
@@ -320,6 +326,55 @@ pub enum AttemptOutcome {
     GiveUp { status: Option<u16>, error: String },
 }
 
+/// News a node gives the others through the database, so their idle loops wake at once
+/// instead of at their next poll. Best effort: a signal lost (a dropped connection, a
+/// store with no channel) costs at most one poll interval, never a task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    /// A task was created: fetch workers, look.
+    Created,
+    /// A task's inputs are ready: generate workers, look.
+    InputsReady,
+    /// A task became terminal: its callback may be due.
+    Finished,
+    /// A task was cancelled (already failed in the store): stop working on it.
+    Cancelled(TaskId),
+}
+
+impl Signal {
+    /// The notification's text.
+    pub fn encode(&self) -> String {
+        match self {
+            Signal::Created => "created".into(),
+            Signal::InputsReady => "inputs-ready".into(),
+            Signal::Finished => "finished".into(),
+            Signal::Cancelled(id) => format!("cancelled {id}"),
+        }
+    }
+
+    /// The signal a notification's text names; `None` for anything else.
+    pub fn decode(s: &str) -> Option<Self> {
+        match s {
+            "created" => Some(Signal::Created),
+            "inputs-ready" => Some(Signal::InputsReady),
+            "finished" => Some(Signal::Finished),
+            _ => s
+                .strip_prefix("cancelled ")
+                .and_then(|id| id.parse().ok())
+                .map(Signal::Cancelled),
+        }
+    }
+}
+
+/// What a shared rate limit said to one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RateDecision {
+    /// Counted; go ahead.
+    Allowed,
+    /// Over the limit (not counted): the next request passes in this many microseconds.
+    Wait { us: i64 },
+}
+
 /// Everything remixd keeps in its database.
 ///
 /// Times come in as arguments (`now`), so tests control the clock and all nodes of a
@@ -528,4 +583,35 @@ pub trait Store: Send + Sync + 'static {
         name: &str,
         make: &(dyn Fn() -> String + Send + Sync),
     ) -> Result<String>;
+
+    // Rate limits shared by every node.
+    /// Counts one request against a GCRA limit shared by every node (a request every
+    /// `interval_us` microseconds on average, `burst` at once), on the database's clock.
+    /// `None` when this store keeps no shared counters: each process then limits alone.
+    async fn rate_check(
+        &self,
+        _key: &str,
+        _interval_us: i64,
+        _burst: i64,
+    ) -> Result<Option<RateDecision>> {
+        Ok(None)
+    }
+    /// Forgets counters that have run out (they count as none anyway).
+    async fn prune_rates(&self) -> Result<u64> {
+        Ok(0)
+    }
+
+    // Signals between nodes.
+    /// Tells every node listening on this database. A store with no channel between
+    /// processes does nothing: other processes find the work at their next poll.
+    async fn publish(&self, _signal: Signal) -> Result<()> {
+        Ok(())
+    }
+    /// The signals every node publishes (this one's included), from now on; `None` when
+    /// the store has no channel between processes. The receiver ends when the store's
+    /// listener gives up; a dropped connection is re-established by the store, and what
+    /// was published meanwhile is lost (polling covers it).
+    async fn subscribe(&self) -> Result<Option<tokio::sync::mpsc::Receiver<Signal>>> {
+        Ok(None)
+    }
 }

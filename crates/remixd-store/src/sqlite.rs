@@ -13,17 +13,19 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use remixd_domain::{FailCode, KeyLimits, Millis, TaskId, TaskInput, TaskState};
+use remixd_domain::{FailCode, Millis, TaskId, TaskState};
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
-    SqliteSynchronous,
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::Row;
 
+use crate::rows::{
+    attempt_columns, corrupt, delivery_busy, key_cap_windows, new_delivery_id, reap_decision,
+    records, task_id, task_ids_lenient, AccountRow, DeliveryRow, KeyRow, TaskRow, UploadRow,
+    KEY_SELECT, TASK_COLUMNS, UPLOAD_COLUMNS,
+};
 use crate::{
     Account, ApiKeyRecord, AttemptOutcome, CreateOutcome, DeliveryRecord, DeliveryState, Finish,
-    KeyCap, NewKey, NewTask, ReapReport, Result, Stage, Store, StoreError, TaskRecord,
-    UploadRecord,
+    NewKey, NewTask, ReapReport, Result, Stage, Store, StoreError, TaskRecord, UploadRecord,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -126,87 +128,19 @@ impl SqliteStore {
         Ok(Self { pool, write })
     }
 
+    /// The readers' pool (the store copy reads a snapshot through it).
+    pub fn read_pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    /// The one writer connection's pool (the store copy writes through it).
+    pub fn write_pool(&self) -> &SqlitePool {
+        &self.write
+    }
+
     async fn begin(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>> {
         Ok(self.write.begin_with("BEGIN IMMEDIATE").await?)
     }
-}
-
-const TASK_COLUMNS: &str = "id, account_id, key_id, model, state, param, input, callback_url, \
-    result_json, fail_code, fail_msg, cost, credits_consumed, progress, fetch_attempts, attempts, \
-    lease_owner, lease_until, cost_time, create_time, update_time, complete_time, upstream";
-
-fn corrupt(what: impl std::fmt::Display) -> StoreError {
-    StoreError::Corrupt(what.to_string())
-}
-
-fn task_from_row(row: &SqliteRow) -> Result<TaskRecord> {
-    let id: String = row.try_get("id")?;
-    let state: String = row.try_get("state")?;
-    let input: String = row.try_get("input")?;
-    let fail_code: String = row.try_get("fail_code")?;
-    Ok(TaskRecord {
-        id: id.parse().map_err(|_| corrupt(format!("task id {id:?}")))?,
-        account_id: row.try_get("account_id")?,
-        key_id: row.try_get("key_id")?,
-        model: row.try_get("model")?,
-        state: state.parse().map_err(corrupt)?,
-        param: row.try_get("param")?,
-        input: serde_json::from_str::<TaskInput>(&input)
-            .map_err(|e| corrupt(format!("task {id} input: {e}")))?,
-        callback_url: row.try_get("callback_url")?,
-        result_json: row.try_get("result_json")?,
-        fail_code: if fail_code.is_empty() {
-            None
-        } else {
-            Some(
-                FailCode::parse(&fail_code)
-                    .ok_or_else(|| corrupt(format!("fail code {fail_code:?}")))?,
-            )
-        },
-        fail_msg: row.try_get("fail_msg")?,
-        cost: row.try_get("cost")?,
-        credits_consumed: row.try_get("credits_consumed")?,
-        progress: row.try_get::<i64, _>("progress")?.clamp(0, 100) as u8,
-        fetch_attempts: row.try_get("fetch_attempts")?,
-        attempts: row.try_get("attempts")?,
-        lease_owner: row.try_get("lease_owner")?,
-        lease_until: row.try_get("lease_until")?,
-        cost_time: row.try_get("cost_time")?,
-        create_time: row.try_get("create_time")?,
-        update_time: row.try_get("update_time")?,
-        complete_time: row.try_get("complete_time")?,
-        upstream: row.try_get("upstream")?,
-    })
-}
-
-fn account_from_row(row: &SqliteRow) -> Result<Account> {
-    Ok(Account {
-        id: row.try_get("id")?,
-        name: row.try_get("name")?,
-        credits: row.try_get("credits")?,
-        create_time: row.try_get("create_time")?,
-    })
-}
-
-const KEY_SELECT: &str = "SELECT k.id, k.account_id, a.name AS account_name, k.label, k.key_hash, \
-    k.hourly_limit, k.daily_limit, k.total_limit, k.create_time, k.revoke_time \
-    FROM api_keys k JOIN accounts a ON a.id = k.account_id";
-
-fn key_from_row(row: &SqliteRow) -> Result<ApiKeyRecord> {
-    Ok(ApiKeyRecord {
-        id: row.try_get("id")?,
-        account_id: row.try_get("account_id")?,
-        account_name: row.try_get("account_name")?,
-        label: row.try_get("label")?,
-        key_hash: row.try_get("key_hash")?,
-        limits: KeyLimits {
-            hourly: row.try_get("hourly_limit")?,
-            daily: row.try_get("daily_limit")?,
-            total: row.try_get("total_limit")?,
-        },
-        create_time: row.try_get("create_time")?,
-        revoke_time: row.try_get("revoke_time")?,
-    })
 }
 
 fn is_unique_violation(e: &sqlx::Error) -> bool {
@@ -240,7 +174,7 @@ impl Store for SqliteStore {
         credits: i64,
         now: Millis,
     ) -> Result<Account> {
-        let row = sqlx::query(
+        let row: AccountRow = sqlx::query_as(
             "INSERT INTO accounts (id, name, credits, create_time) VALUES (?, ?, ?, ?) RETURNING *",
         )
         .bind(id)
@@ -256,22 +190,22 @@ impl Store for SqliteStore {
                 e.into()
             }
         })?;
-        account_from_row(&row)
+        Ok(row.into())
     }
 
     async fn account_by_name(&self, name: &str) -> Result<Option<Account>> {
-        let row = sqlx::query("SELECT * FROM accounts WHERE name = ?")
+        let row: Option<AccountRow> = sqlx::query_as("SELECT * FROM accounts WHERE name = ?")
             .bind(name)
             .fetch_optional(&self.pool)
             .await?;
-        row.as_ref().map(account_from_row).transpose()
+        Ok(row.map(Into::into))
     }
 
     async fn list_accounts(&self) -> Result<Vec<Account>> {
-        let rows = sqlx::query("SELECT * FROM accounts ORDER BY name")
+        let rows: Vec<AccountRow> = sqlx::query_as("SELECT * FROM accounts ORDER BY name")
             .fetch_all(&self.pool)
             .await?;
-        rows.iter().map(account_from_row).collect()
+        Ok(rows.into_iter().map(Into::into).collect())
     }
 
     async fn balance(&self, account_id: &str) -> Result<i64> {
@@ -344,17 +278,17 @@ impl Store for SqliteStore {
     }
 
     async fn key_by_id(&self, key_id: &str) -> Result<Option<ApiKeyRecord>> {
-        let row = sqlx::query(&format!("{KEY_SELECT} WHERE k.id = ?"))
+        let row: Option<KeyRow> = sqlx::query_as(&format!("{KEY_SELECT} WHERE k.id = ?"))
             .bind(key_id)
             .fetch_optional(&self.pool)
             .await?;
-        row.as_ref().map(key_from_row).transpose()
+        Ok(row.map(Into::into))
     }
 
     async fn list_keys(&self, account_name: Option<&str>) -> Result<Vec<ApiKeyRecord>> {
-        let rows = match account_name {
+        let rows: Vec<KeyRow> = match account_name {
             Some(name) => {
-                sqlx::query(&format!(
+                sqlx::query_as(&format!(
                     "{KEY_SELECT} WHERE a.name = ? ORDER BY k.create_time"
                 ))
                 .bind(name)
@@ -362,12 +296,12 @@ impl Store for SqliteStore {
                 .await?
             }
             None => {
-                sqlx::query(&format!("{KEY_SELECT} ORDER BY a.name, k.create_time"))
+                sqlx::query_as(&format!("{KEY_SELECT} ORDER BY a.name, k.create_time"))
                     .fetch_all(&self.pool)
                     .await?
             }
         };
-        rows.iter().map(key_from_row).collect()
+        Ok(rows.into_iter().map(Into::into).collect())
     }
 
     async fn revoke_key(&self, key_id: &str, now: Millis) -> Result<bool> {
@@ -392,15 +326,14 @@ impl Store for SqliteStore {
             .bind(&idem.key)
             .fetch_optional(&mut *tx)
             .await?;
-            if let Some((hash, task_id, at)) = seen {
+            if let Some((hash, id, at)) = seen {
                 if at > t.now - crate::IDEMPOTENCY_WINDOW_MS {
                     if hash != idem.body_hash {
                         return Ok(CreateOutcome::IdempotencyConflict);
                     }
-                    let task_id = task_id
-                        .parse()
-                        .map_err(|_| corrupt(format!("task id {task_id:?}")))?;
-                    return Ok(CreateOutcome::Existing { task_id });
+                    return Ok(CreateOutcome::Existing {
+                        task_id: task_id(&id)?,
+                    });
                 }
             }
         }
@@ -412,14 +345,8 @@ impl Store for SqliteStore {
         .bind(&t.key_id)
         .fetch_optional(&mut *tx)
         .await?;
-        let (hourly, daily, total) =
-            limits.ok_or_else(|| StoreError::NotFound(format!("key {}", t.key_id)))?;
-        for (cap, limit, since) in [
-            (KeyCap::Hourly, hourly, t.now - 3_600_000),
-            (KeyCap::Daily, daily, t.now - 86_400_000),
-            (KeyCap::Total, total, i64::MIN),
-        ] {
-            let Some(limit) = limit else { continue };
+        let limits = limits.ok_or_else(|| StoreError::NotFound(format!("key {}", t.key_id)))?;
+        for (cap, limit, since) in key_cap_windows(limits, t.now) {
             let used: i64 = sqlx::query_scalar(
                 "SELECT COALESCE(SUM(credits_consumed), 0) FROM tasks WHERE key_id = ? AND create_time >= ?",
             )
@@ -485,22 +412,23 @@ impl Store for SqliteStore {
     }
 
     async fn get_task(&self, id: &TaskId, account_id: &str) -> Result<Option<TaskRecord>> {
-        let row = sqlx::query(&format!(
+        let row: Option<TaskRow> = sqlx::query_as(&format!(
             "SELECT {TASK_COLUMNS} FROM tasks WHERE id = ? AND account_id = ?"
         ))
         .bind(id.to_string())
         .bind(account_id)
         .fetch_optional(&self.pool)
         .await?;
-        row.as_ref().map(task_from_row).transpose()
+        row.map(TryInto::try_into).transpose()
     }
 
     async fn task(&self, id: &TaskId) -> Result<Option<TaskRecord>> {
-        let row = sqlx::query(&format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = ?"))
-            .bind(id.to_string())
-            .fetch_optional(&self.pool)
-            .await?;
-        row.as_ref().map(task_from_row).transpose()
+        let row: Option<TaskRow> =
+            sqlx::query_as(&format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = ?"))
+                .bind(id.to_string())
+                .fetch_optional(&self.pool)
+                .await?;
+        row.map(TryInto::try_into).transpose()
     }
 
     async fn list_tasks(
@@ -515,14 +443,14 @@ impl Store for SqliteStore {
              ORDER BY id DESC LIMIT ?"
         );
         let before = before.map(|b| b.to_string());
-        let rows = sqlx::query(&sql)
+        let rows: Vec<TaskRow> = sqlx::query_as(&sql)
             .bind(account_id)
             .bind(&before)
             .bind(&before)
             .bind(limit)
             .fetch_all(&self.pool)
             .await?;
-        rows.iter().map(task_from_row).collect()
+        records(rows)
     }
 
     async fn claim(
@@ -544,13 +472,13 @@ impl Store for SqliteStore {
                  AND lease_owner IS NULL AND not_before <= ?3 ORDER BY state, not_before, id LIMIT 1) RETURNING {TASK_COLUMNS}"
             ),
         };
-        let row = sqlx::query(&sql)
+        let row: Option<TaskRow> = sqlx::query_as(&sql)
             .bind(owner)
             .bind(lease_until)
             .bind(now)
             .fetch_optional(&self.write)
             .await?;
-        row.as_ref().map(task_from_row).transpose()
+        row.map(TryInto::try_into).transpose()
     }
 
     async fn claim_fetch(
@@ -572,14 +500,14 @@ impl Store for SqliteStore {
              AND t.not_before <= ?3 AND COALESCE(f.n, 0) < ?4 ORDER BY COALESCE(f.n, 0), t.not_before, t.id LIMIT 1) \
              RETURNING {TASK_COLUMNS}"
         );
-        let row = sqlx::query(&sql)
+        let row: Option<TaskRow> = sqlx::query_as(&sql)
             .bind(owner)
             .bind(lease_until)
             .bind(now)
             .bind(i64::from(per_account))
             .fetch_optional(&self.write)
             .await?;
-        row.as_ref().map(task_from_row).transpose()
+        row.map(TryInto::try_into).transpose()
     }
 
     async fn extend_lease(
@@ -828,7 +756,7 @@ impl Store for SqliteStore {
         lease_until: Millis,
         limit: i64,
     ) -> Result<Vec<DeliveryRecord>> {
-        let rows = sqlx::query(
+        let rows: Vec<DeliveryRow> = sqlx::query_as(
             "UPDATE deliveries SET lease_owner = ?1, lease_until = ?2 WHERE id IN (SELECT id FROM deliveries \
              WHERE state = 'pending' AND next_attempt <= ?3 AND (lease_until IS NULL OR lease_until < ?3) \
              ORDER BY next_attempt LIMIT ?4) RETURNING *",
@@ -839,7 +767,7 @@ impl Store for SqliteStore {
         .bind(limit)
         .fetch_all(&self.write)
         .await?;
-        rows.iter().map(delivery_from_row).collect()
+        records(rows)
     }
 
     async fn record_attempt(
@@ -850,32 +778,14 @@ impl Store for SqliteStore {
         outcome: &AttemptOutcome,
         now: Millis,
     ) -> Result<bool> {
-        let (state, status, error, next, complete) = match outcome {
-            AttemptOutcome::Delivered { status } => {
-                ("delivered", Some(*status), "", None, Some(now))
-            }
-            AttemptOutcome::Retry {
-                status,
-                error,
-                next_attempt,
-            } => (
-                "pending",
-                *status,
-                error.as_str(),
-                Some(*next_attempt),
-                None,
-            ),
-            AttemptOutcome::GiveUp { status, error } => {
-                ("failed", *status, error.as_str(), None, Some(now))
-            }
-        };
+        let (state, status, error, next, complete) = attempt_columns(outcome, now);
         let done = sqlx::query(
             "UPDATE deliveries SET state = ?, attempts = attempts + 1, last_status = ?, last_error = ?, \
              next_attempt = COALESCE(?, next_attempt), complete_time = ?, payload = COALESCE(payload, ?), \
              lease_owner = NULL, lease_until = NULL, update_time = ? WHERE id = ? AND lease_owner = ? AND state = 'pending'",
         )
         .bind(state)
-        .bind(status.map(i64::from))
+        .bind(status)
         .bind(error)
         .bind(next)
         .bind(complete)
@@ -893,14 +803,14 @@ impl Store for SqliteStore {
         state: Option<DeliveryState>,
         limit: i64,
     ) -> Result<Vec<DeliveryRecord>> {
-        let rows = sqlx::query(
+        let rows: Vec<DeliveryRow> = sqlx::query_as(
             "SELECT * FROM deliveries WHERE (?1 IS NULL OR state = ?1) ORDER BY update_time DESC, id DESC LIMIT ?2",
         )
         .bind(state.map(|s| s.as_str()))
         .bind(limit)
         .fetch_all(&self.pool)
         .await?;
-        rows.iter().map(delivery_from_row).collect()
+        records(rows)
     }
 
     async fn redeliver(&self, id: &str, now: Millis) -> Result<bool> {
@@ -925,25 +835,23 @@ impl Store for SqliteStore {
                 .await?;
         match leased {
             None => Ok(false),
-            Some(until) => Err(StoreError::Busy(format!(
-                "an attempt of delivery {id} is in flight (its lease ends in {} s); try again then",
-                (until.unwrap_or(now) - now).max(0) / 1000 + 1
-            ))),
+            Some(until) => Err(delivery_busy(id, until, now)),
         }
     }
 
     async fn deliveries_of(&self, task_id: &TaskId) -> Result<Vec<DeliveryRecord>> {
-        let rows = sqlx::query("SELECT * FROM deliveries WHERE task_id = ? ORDER BY create_time")
-            .bind(task_id.to_string())
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter().map(delivery_from_row).collect()
+        let rows: Vec<DeliveryRow> =
+            sqlx::query_as("SELECT * FROM deliveries WHERE task_id = ? ORDER BY create_time")
+                .bind(task_id.to_string())
+                .fetch_all(&self.pool)
+                .await?;
+        records(rows)
     }
 
     async fn record_upload(&self, u: &UploadRecord) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO uploads (key, account_id, file_size, mime_type, create_time, expire_time) VALUES (?, ?, ?, ?, ?, ?)",
-        )
+        sqlx::query(&format!(
+            "INSERT INTO uploads ({UPLOAD_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)"
+        ))
         .bind(&u.key)
         .bind(&u.account_id)
         .bind(u.file_size)
@@ -956,22 +864,13 @@ impl Store for SqliteStore {
     }
 
     async fn upload(&self, key: &str) -> Result<Option<UploadRecord>> {
-        let row: Option<(String, String, i64, String, i64, i64)> = sqlx::query_as(
-            "SELECT key, account_id, file_size, mime_type, create_time, expire_time FROM uploads WHERE key = ?",
-        )
+        let row: Option<UploadRow> = sqlx::query_as(&format!(
+            "SELECT {UPLOAD_COLUMNS} FROM uploads WHERE key = ?"
+        ))
         .bind(key)
         .fetch_optional(&self.pool)
         .await?;
-        Ok(row.map(
-            |(key, account_id, file_size, mime_type, create_time, expire_time)| UploadRecord {
-                key,
-                account_id,
-                file_size,
-                mime_type,
-                create_time,
-                expire_time,
-            },
-        ))
+        Ok(row.map(Into::into))
     }
 
     async fn upload_bytes(&self, account_id: &str, now: Millis) -> Result<i64> {
@@ -987,11 +886,11 @@ impl Store for SqliteStore {
     async fn record_upload_within(&self, u: &UploadRecord, quota: i64) -> Result<bool> {
         // One statement on the single writer connection: the sum it reads is the one
         // it inserts against.
-        let done = sqlx::query(
-            "INSERT INTO uploads (key, account_id, file_size, mime_type, create_time, expire_time) \
+        let done = sqlx::query(&format!(
+            "INSERT INTO uploads ({UPLOAD_COLUMNS}) \
              SELECT ?, ?, ?, ?, ?, ? WHERE ? + (SELECT COALESCE(SUM(file_size), 0) FROM uploads \
-             WHERE account_id = ? AND expire_time >= ?) <= ?",
-        )
+             WHERE account_id = ? AND expire_time >= ?) <= ?"
+        ))
         .bind(&u.key)
         .bind(&u.account_id)
         .bind(u.file_size)
@@ -1015,9 +914,7 @@ impl Store for SqliteStore {
         .bind(limit)
         .fetch_all(&self.pool)
         .await?;
-        ids.iter()
-            .map(|id| id.parse().map_err(|_| corrupt(format!("task id {id:?}"))))
-            .collect()
+        ids.iter().map(|id| task_id(id)).collect()
     }
 
     async fn mark_results_swept(&self, ids: &[TaskId]) -> Result<()> {
@@ -1062,17 +959,7 @@ impl Store for SqliteStore {
         .bind(limit)
         .fetch_all(&self.pool)
         .await?;
-        // A row whose id does not parse is skipped (and logged), not fatal to the sweep.
-        Ok(ids
-            .iter()
-            .filter_map(|id| match id.parse() {
-                Ok(t) => Some(t),
-                Err(_) => {
-                    tracing::warn!(id = %id, "skipping a task row with a corrupt id");
-                    None
-                }
-            })
-            .collect())
+        Ok(task_ids_lenient(&ids))
     }
 
     async fn delete_tasks(&self, ids: &[TaskId]) -> Result<()> {
@@ -1106,13 +993,12 @@ impl Store for SqliteStore {
         for chunk in ids.chunks(200) {
             let marks = vec!["?"; chunk.len()].join(", ");
             let sql = format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id IN ({marks})");
-            let mut q = sqlx::query(&sql);
+            let mut q = sqlx::query_as(&sql);
             for id in chunk {
                 q = q.bind(id.to_string());
             }
-            for row in q.fetch_all(&self.pool).await? {
-                out.push(task_from_row(&row)?);
-            }
+            let rows: Vec<TaskRow> = q.fetch_all(&self.pool).await?;
+            out.extend(records::<TaskRow, TaskRecord>(rows)?);
         }
         Ok(out)
     }
@@ -1161,14 +1047,8 @@ async fn reap_one(
     now: Millis,
     max_attempts: i64,
 ) -> Result<Reaped> {
-    let task_id: TaskId = id.parse().map_err(|_| corrupt(format!("task id {id:?}")))?;
-    let (spent, what) = if state == "waiting" {
-        (fetch_attempts, "fetching its inputs")
-    } else {
-        (attempts, "generating")
-    };
-    if spent >= max_attempts {
-        let msg = format!("the worker was lost while {what}, {spent} times; giving up");
+    let task_id = task_id(id)?;
+    if let Some(msg) = reap_decision(state, fetch_attempts, attempts, max_attempts) {
         fail_in_tx(tx, &task_id, FailCode::Internal, &msg, now).await?;
         return Ok(Reaped::Failed(task_id));
     }
@@ -1233,7 +1113,7 @@ async fn enqueue_callback_in_tx(
          SELECT ?, t.id, t.account_id, t.callback_url, a.credits, 'pending', ?, ?, ? \
          FROM tasks t JOIN accounts a ON a.id = t.account_id WHERE t.id = ? AND t.callback_url IS NOT NULL",
     )
-    .bind(format!("msg_{}", uuid::Uuid::now_v7().simple()))
+    .bind(new_delivery_id())
     .bind(now)
     .bind(now)
     .bind(now)
@@ -1241,28 +1121,4 @@ async fn enqueue_callback_in_tx(
     .execute(&mut *tx)
     .await?;
     Ok(())
-}
-
-fn delivery_from_row(row: &SqliteRow) -> Result<DeliveryRecord> {
-    let task_id: String = row.try_get("task_id")?;
-    let state: String = row.try_get("state")?;
-    Ok(DeliveryRecord {
-        id: row.try_get("id")?,
-        task_id: task_id
-            .parse()
-            .map_err(|_| corrupt(format!("task id {task_id:?}")))?,
-        account_id: row.try_get("account_id")?,
-        url: row.try_get("url")?,
-        remained_credits: row.try_get("remained_credits")?,
-        payload: row.try_get("payload")?,
-        state: DeliveryState::parse(&state)
-            .ok_or_else(|| corrupt(format!("delivery state {state:?}")))?,
-        attempts: row.try_get("attempts")?,
-        next_attempt: row.try_get("next_attempt")?,
-        last_status: row.try_get("last_status")?,
-        last_error: row.try_get("last_error")?,
-        create_time: row.try_get("create_time")?,
-        update_time: row.try_get("update_time")?,
-        complete_time: row.try_get("complete_time")?,
-    })
 }

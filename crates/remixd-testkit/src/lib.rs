@@ -6,11 +6,15 @@
 //! - [`samples`]: the bundled sample photos and small synthetic images.
 //! - [`Api`]: a typed-enough client for the task API that polls until a task is done.
 //! - [`tmpfs::Tmpfs`]: a small real filesystem to run out of disk on.
+//! - [`postgres`]: a fresh schema per test on the suite's throwaway PostgreSQL.
+//! - [`s3::S3Server`]: an S3-protocol server with one bucket, on loopback.
 //!
 //! Nothing here talks to anything but loopback.
 
 pub mod exif;
+pub mod postgres;
 pub mod providers;
+pub mod s3;
 pub mod tmpfs;
 
 use std::collections::HashMap;

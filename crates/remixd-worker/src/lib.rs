@@ -32,7 +32,7 @@ use std::time::Duration;
 use remixd_domain::{now_millis, TaskId};
 use remixd_engine::Engine;
 use remixd_fetch::Fetcher;
-use remixd_store::{Blobs, SpaceGuard, Store};
+use remixd_store::{Blobs, Signal, SpaceGuard, Store};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -90,34 +90,83 @@ impl Default for WorkerConfig {
 }
 
 /// Wakes idle loops when there is new work, so a task does not wait a poll interval.
-/// Other nodes rely on polling.
-#[derive(Debug, Default, Clone)]
+/// With [`Wakeup::publishing_to`], every wake-up is also published through the store to
+/// other nodes, whose listeners hand it to [`Wakeup::on_signal`]; without, or when a
+/// signal is lost, other nodes find the work by polling.
+#[derive(Default, Clone)]
 pub struct Wakeup {
     fetch: Arc<Notify>,
     generate: Arc<Notify>,
     deliveries: Arc<Notify>,
     running: Arc<std::sync::Mutex<std::collections::HashMap<TaskId, CancellationToken>>>,
+    publish: Option<Arc<dyn Store>>,
+}
+
+impl std::fmt::Debug for Wakeup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Wakeup")
+            .field("publishing", &self.publish.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Wakeup {
+    /// Also tells other nodes, through `store`'s channel ([`Store::publish`]).
+    pub fn publishing_to(mut self, store: Arc<dyn Store>) -> Self {
+        self.publish = Some(store);
+        self
+    }
+
     /// A task was created.
     pub fn task_created(&self) {
-        self.fetch.notify_one();
+        self.on_signal(Signal::Created);
+        self.publish(Signal::Created);
     }
     fn inputs_ready(&self) {
-        self.generate.notify_one();
+        self.on_signal(Signal::InputsReady);
+        self.publish(Signal::InputsReady);
     }
     /// A task became terminal (its callback, if any, is due).
     pub fn task_finished(&self) {
-        self.deliveries.notify_one();
+        self.on_signal(Signal::Finished);
+        self.publish(Signal::Finished);
     }
-    /// A task was cancelled (already failed in the store): stop the work on it in this
-    /// process at once. Other processes notice at their next heartbeat.
+    /// A task was cancelled (already failed in the store): stop the work on it at once,
+    /// here and, through the store's channel, on other nodes (which otherwise notice at
+    /// their next heartbeat).
     pub fn task_cancelled(&self, id: &TaskId) {
-        if let Some(t) = self.running.lock().expect("running map").get(id) {
-            t.cancel();
+        self.on_signal(Signal::Cancelled(*id));
+        self.publish(Signal::Cancelled(*id));
+    }
+
+    /// Acts on a signal, from this process or another node, without passing it on.
+    pub fn on_signal(&self, signal: Signal) {
+        match signal {
+            Signal::Created => self.fetch.notify_one(),
+            Signal::InputsReady => self.generate.notify_one(),
+            Signal::Finished => self.deliveries.notify_one(),
+            Signal::Cancelled(id) => {
+                if let Some(t) = self.running.lock().expect("running map").get(&id) {
+                    t.cancel();
+                }
+                self.deliveries.notify_one();
+            }
         }
-        self.task_finished();
+    }
+
+    fn publish(&self, signal: Signal) {
+        let Some(store) = self.publish.clone() else {
+            return;
+        };
+        // Off the caller's path: a slow or failed publish only delays other nodes
+        // until their next poll.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                if let Err(e) = store.publish(signal).await {
+                    tracing::debug!(error = %e, ?signal, "could not publish a wake-up");
+                }
+            });
+        }
     }
     /// Registers work on a task; `stop` fires if the task is cancelled meanwhile.
     pub(crate) fn track(&self, id: TaskId, stop: CancellationToken) -> Tracked {

@@ -70,6 +70,30 @@ pub enum Command {
     /// Measurements (prints figures; asserts nothing).
     #[command(subcommand)]
     Bench(BenchCmd),
+    /// Move data between stores (one machine to many).
+    #[command(subcommand)]
+    Store(StoreCmd),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum StoreCmd {
+    /// Copy every account, key, credit, task, delivery and upload record from one
+    /// database into an empty one, and optionally every file from one storage into an
+    /// empty one; then verify counts and checksums. Stop remixd on the source first.
+    Copy {
+        /// The source database: sqlite://PATH or postgres://…
+        #[arg(long)]
+        from: String,
+        /// The target database, empty (migrations are applied to it).
+        #[arg(long)]
+        to: String,
+        /// The source files: file://DIR or s3://bucket/prefix (storage.s3.* reaches buckets).
+        #[arg(long, requires = "files_to")]
+        files_from: Option<String>,
+        /// The target files, holding none.
+        #[arg(long, requires = "files_from")]
+        files_to: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -246,9 +270,54 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             crate::launch_with_listener(settings, listener, role, crate::shutdown_on_signals())
                 .await
         }
+        Command::Store(StoreCmd::Copy {
+            from,
+            to,
+            files_from,
+            files_to,
+        }) => {
+            use remixd_store::copy::{copy_database, copy_files, Database};
+            let redact = crate::settings::redact_url;
+            anyhow::ensure!(from != to, "--from and --to name the same database");
+            let source = Database::open_source(&from)
+                .await
+                .with_context(|| format!("opening the source database {}", redact(&from)))?;
+            let target = Database::open(&to)
+                .await
+                .with_context(|| format!("opening the target database {}", redact(&to)))?;
+            let tables = copy_database(&source, &target, &redact(&to)).await?;
+            for t in &tables {
+                println!("{:<18} {:>9} rows  sha256 {}", t.table, t.rows, t.sha256);
+            }
+            println!(
+                "database copied and verified: {} -> {}",
+                redact(&from),
+                redact(&to)
+            );
+            if let (Some(ff), Some(ft)) = (files_from, files_to) {
+                anyhow::ensure!(
+                    ff != ft,
+                    "--files-from and --files-to name the same storage"
+                );
+                let s3 = settings.s3_options();
+                let src = remixd_store::Blobs::open_with(&ff, &s3)
+                    .with_context(|| format!("opening the source files {ff}"))?;
+                let dst = remixd_store::Blobs::open_with(&ft, &s3)
+                    .with_context(|| format!("opening the target files {ft}"))?;
+                let f = copy_files(&src, &dst, &ft).await?;
+                println!(
+                    "files copied and verified: {} files, {} bytes, sha256 {} ({ff} -> {ft})",
+                    f.files, f.bytes, f.sha256
+                );
+            }
+            Ok(())
+        }
         Command::Migrate => {
             open_store(&settings).await?;
-            println!("migrations applied to {}", settings.database_url());
+            println!(
+                "migrations applied to {}",
+                crate::settings::redact_url(&settings.database_url())
+            );
             Ok(())
         }
         Command::Accounts(AccountsCmd::Create { name, credits }) => {
@@ -395,7 +464,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             print!("{}", toml::to_string(&settings)?);
             println!(
                 "# effective: database.url = {:?}, storage.url = {:?}",
-                settings.database_url(),
+                crate::settings::redact_url(&settings.database_url()),
                 settings.storage_url()
             );
             for (name, p) in [

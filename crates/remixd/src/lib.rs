@@ -27,7 +27,7 @@ use remixd_api::{ApiConfig, AppState};
 use remixd_domain::{now_millis, KeyLimits};
 use remixd_engine::{Engine, PreviewEngine};
 use remixd_fetch::{FetchConfig, Fetcher};
-use remixd_store::{Blobs, SqliteStore, Store};
+use remixd_store::{Blobs, PostgresStore, SqliteStore, Store};
 use remixd_worker::callbacks::{CallbackConfig, Deliverer, PayloadFn};
 use remixd_worker::{Wakeup, Worker, WorkerConfig};
 use tokio::net::TcpListener;
@@ -60,8 +60,22 @@ pub async fn open_store(settings: &Settings) -> anyhow::Result<Arc<dyn Store>> {
                 .await
                 .with_context(|| format!("opening database {url}"))?,
         )
+    } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Arc::new(
+            PostgresStore::open(&url, settings.database.max_connections)
+                .await
+                .with_context(|| {
+                    format!(
+                        "connecting to database {}",
+                        crate::settings::redact_url(&url)
+                    )
+                })?,
+        )
     } else {
-        anyhow::bail!("database.url {url:?}: only sqlite:// databases are supported by this build");
+        anyhow::bail!(
+            "database.url {:?}: remixd stores its data in sqlite://PATH or postgres://… databases",
+            crate::settings::redact_url(&url)
+        );
     };
     store
         .migrate()
@@ -167,15 +181,22 @@ fn space_guard(settings: &Settings, blobs: &Blobs) -> remixd_store::SpaceGuard {
 }
 
 /// On an empty database: the `default` account with its key, written to
-/// `<data_dir>/default.key` (mode 0600). Returns the key when one was made.
+/// `<data_dir>/default.key` (mode 0600). Returns the key when one was made; of several
+/// nodes starting at once on one empty database, one makes it.
 pub async fn first_start(store: &dyn Store, data_dir: &Path) -> anyhow::Result<Option<String>> {
     if store.count_accounts().await? > 0 {
         return Ok(None);
     }
     let id = uuid_like();
-    store
+    match store
         .create_account(&id, "default", DEFAULT_ACCOUNT_CREDITS, now_millis())
-        .await?;
+        .await
+    {
+        Ok(_) => {}
+        // Another node sharing the database made it first: its data dir has the key.
+        Err(remixd_store::StoreError::Conflict(_)) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    }
     let (token, record) =
         remixd_api::auth::generate_key("default", "default", KeyLimits::default());
     store.create_key(record, now_millis()).await?;
@@ -228,7 +249,8 @@ pub async fn launch_with_listener(
         println!("Its API key (also written to {}):", path.display());
         println!("{key}");
     }
-    let blobs = Blobs::open(&settings.storage_url()).context("opening file storage")?;
+    let blobs = Blobs::open_with(&settings.storage_url(), &settings.s3_options())
+        .context("opening file storage")?;
     let space = space_guard(&settings, &blobs);
     let origin = remixd_domain::ServerOrigin::new(&public_url, Some(addr))
         .map_err(|e| anyhow::anyhow!(e))?;
@@ -249,7 +271,28 @@ pub async fn launch_with_listener(
         };
         telemetry::serve(l, store.clone(), cfg, &tracker, shutdown.clone());
     }
-    let wake = Wakeup::default();
+    // Wake-ups go to this process's loops and, where the store has a channel between
+    // processes (PostgreSQL's LISTEN/NOTIFY), to every other node's.
+    let mut wake = Wakeup::default();
+    if let Some(mut signals) = store
+        .subscribe()
+        .await
+        .context("listening for other nodes' signals")?
+    {
+        wake = wake.publishing_to(store.clone());
+        let (wake, shutdown) = (wake.clone(), shutdown.clone());
+        tracker.spawn(async move {
+            loop {
+                tokio::select! {
+                    s = signals.recv() => match s {
+                        Some(s) => wake.on_signal(s),
+                        None => return,
+                    },
+                    _ = shutdown.cancelled() => return,
+                }
+            }
+        });
+    }
     if role != Role::Api {
         let w = &settings.worker;
         let cfg = WorkerConfig {
@@ -377,7 +420,7 @@ pub async fn launch_with_listener(
         tracker.spawn(async move {
             loop {
                 tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(60)) => state.limits.prune(),
+                    _ = tokio::time::sleep(Duration::from_secs(60)) => state.limits.prune().await,
                     _ = shutdown.cancelled() => return,
                 }
             }
@@ -386,7 +429,7 @@ pub async fn launch_with_listener(
 
     tracing::info!(
         listen = %addr, public_url = %public_url, engine = engine.name(), role = ?role,
-        database = %settings.database_url(), storage = %settings.storage_url(),
+        database = %crate::settings::redact_url(&settings.database_url()), storage = %settings.storage_url(),
         max_connections = serve_cfg.max_connections,
         "remixd started (engine: {})", engine.name()
     );

@@ -100,11 +100,57 @@ impl Default for ServerSettings {
     }
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DatabaseSettings {
-    /// Defaults to `sqlite://<data_dir>/remixd.db`.
+    /// Defaults to `sqlite://<data_dir>/remixd.db`; or `postgres://user:password@host/db`.
+    /// Printed with its password redacted.
+    #[serde(serialize_with = "serialize_redacted_url")]
     pub url: Option<String>,
+    /// The most connections one process keeps to a PostgreSQL database.
+    pub max_connections: u32,
+}
+
+impl Default for DatabaseSettings {
+    fn default() -> Self {
+        Self {
+            url: None,
+            max_connections: 16,
+        }
+    }
+}
+
+impl std::fmt::Debug for DatabaseSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DatabaseSettings")
+            .field("url", &self.url.as_deref().map(redact_url))
+            .field("max_connections", &self.max_connections)
+            .finish()
+    }
+}
+
+/// A database URL fit to print: its password, if any, replaced by `redacted`.
+pub fn redact_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("redacted"));
+            u.to_string()
+        }
+        Ok(_) => url.to_string(),
+        // Not a URL at all: print nothing of it that could be a secret.
+        Err(_) if url.contains('@') => "<a URL that does not parse>".into(),
+        Err(_) => url.to_string(),
+    }
+}
+
+fn serialize_redacted_url<S: serde::Serializer>(
+    url: &Option<String>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match url {
+        Some(u) => s.serialize_some(&redact_url(u)),
+        None => s.serialize_none(),
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -626,6 +672,18 @@ impl Settings {
             .unwrap_or_else(|| format!("sqlite://{}", self.data_dir.join("remixd.db").display()))
     }
 
+    /// How to reach the bucket of an `s3://` storage URL (`storage.s3.*`).
+    pub fn s3_options(&self) -> remixd_store::blobs::S3Options {
+        let s3 = &self.storage.s3;
+        remixd_store::blobs::S3Options {
+            endpoint: s3.endpoint.clone(),
+            region: s3.region.clone(),
+            access_key: s3.access_key.as_ref().map(|k| k.0.clone()),
+            secret: s3.secret.as_ref().map(|k| k.0.clone()),
+            path_style: s3.path_style,
+        }
+    }
+
     pub fn storage_url(&self) -> String {
         self.storage.url.clone().unwrap_or_else(|| {
             let dir = self.data_dir.join("files");
@@ -638,6 +696,12 @@ impl Settings {
     /// range-checked here, so nothing downstream meets a negative, NaN or absurd value
     /// (a negative duration would panic, a negative price would add credits).
     pub fn check(&self) -> anyhow::Result<()> {
+        within(
+            "database.max_connections",
+            self.database.max_connections,
+            1,
+            1000,
+        )?;
         for d in &self.api.disabled {
             anyhow::ensure!(
                 remixd_api::ENDPOINTS.contains(&d.as_str()),
@@ -1073,8 +1137,34 @@ mod tests {
     fn secrets_never_print() {
         let mut s = Settings::default();
         s.engine.fal.key = Some(Secret("fal-very-secret".into()));
+        s.database.url = Some("postgres://remixd:pw-very-secret@db.internal:5432/remixd".into());
         let shown = toml::to_string(&s).unwrap();
         assert!(!shown.contains("very-secret") && shown.contains("<redacted>"));
+        assert!(shown.contains("db.internal:5432/remixd"), "{shown}");
         assert!(!format!("{s:?}").contains("very-secret"));
+    }
+
+    #[test]
+    fn database_urls_print_without_their_password() {
+        assert_eq!(
+            redact_url("postgres://u:hunter2@db:5432/remixd?sslmode=require"),
+            "postgres://u:redacted@db:5432/remixd?sslmode=require"
+        );
+        assert_eq!(
+            redact_url("postgres://u@db/remixd"),
+            "postgres://u@db/remixd"
+        );
+        assert_eq!(
+            redact_url("sqlite:///var/lib/remixd.db"),
+            "sqlite:///var/lib/remixd.db"
+        );
+        assert!(!redact_url("not a url:hunter2@x").contains("hunter2"));
+        let mut s = Settings::default();
+        s.database.max_connections = 0;
+        assert!(s
+            .check()
+            .unwrap_err()
+            .to_string()
+            .contains("database.max_connections"));
     }
 }

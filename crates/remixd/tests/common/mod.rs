@@ -75,8 +75,9 @@ impl TestServer {
         ));
         let api = Api::new(&base, "");
         api.wait_ready(Duration::from_secs(20)).await;
+        // A server started on a database that has accounts already writes no key.
         let key = std::fs::read_to_string(settings.data_dir.join("default.key"))
-            .expect("default.key")
+            .unwrap_or_default()
             .trim()
             .to_string();
         Self {
@@ -108,8 +109,14 @@ impl TestServer {
     }
 
     pub async fn stop(self) {
+        self.stop_keeping_dir().await;
+    }
+
+    /// Stops this server and hands over its data directory, which lives on.
+    pub async fn stop_keeping_dir(self) -> tempfile::TempDir {
         self.shutdown.cancel();
         self.handle.await.expect("join").expect("server result");
+        self.dir
     }
 }
 
