@@ -399,36 +399,29 @@ macro_rules! bind_value {
     };
 }
 
+/// Inserts every table's rows inside one transaction of `$pool` (the two databases'
+/// transaction types differ, so a macro rather than a generic function).
+macro_rules! insert_all {
+    ($pool:expr, $postgres:expr, $tables:expr) => {{
+        let mut tx = $pool.begin().await?;
+        for (t, rows) in TABLES.iter().zip($tables) {
+            let sql = insert_sql(t, $postgres);
+            for row in rows {
+                let mut q = sqlx::query(&sql);
+                for (v, (_, k)) in row.iter().zip(t.columns) {
+                    q = bind_value!(q, v.clone(), *k);
+                }
+                q.execute(&mut *tx).await?;
+            }
+        }
+        tx.commit().await?;
+    }};
+}
+
 async fn write_all(db: &Database, tables: &[Vec<Vec<Value>>]) -> Result<(), CopyError> {
     match db {
-        Database::Sqlite(s) => {
-            let mut tx = s.write_pool().begin().await?;
-            for (t, rows) in TABLES.iter().zip(tables) {
-                let sql = insert_sql(t, false);
-                for row in rows {
-                    let mut q = sqlx::query(&sql);
-                    for (v, (_, k)) in row.iter().zip(t.columns) {
-                        q = bind_value!(q, v.clone(), *k);
-                    }
-                    q.execute(&mut *tx).await?;
-                }
-            }
-            tx.commit().await?;
-        }
-        Database::Postgres(s) => {
-            let mut tx = s.pool().begin().await?;
-            for (t, rows) in TABLES.iter().zip(tables) {
-                let sql = insert_sql(t, true);
-                for row in rows {
-                    let mut q = sqlx::query(&sql);
-                    for (v, (_, k)) in row.iter().zip(t.columns) {
-                        q = bind_value!(q, v.clone(), *k);
-                    }
-                    q.execute(&mut *tx).await?;
-                }
-            }
-            tx.commit().await?;
-        }
+        Database::Sqlite(s) => insert_all!(s.write_pool(), false, tables),
+        Database::Postgres(s) => insert_all!(s.pool(), true, tables),
     }
     Ok(())
 }
