@@ -218,7 +218,7 @@ pub async fn record_info(
     let caller = querying_caller(&state, &headers, "recordInfo").await?;
     let task = caller_task(&state, &caller, &q).await?;
     let links = crate::links::AnswerLinks::for_answer(&state).await?;
-    Ok(ok(links.record(task)))
+    Ok(ok(links.record(task).await))
 }
 
 /// list's `data`: a page of the caller's tasks, newest first.
@@ -299,8 +299,12 @@ pub async fn list(
         None
     };
     let links = crate::links::AnswerLinks::for_answer(&state).await?;
+    let mut records = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        records.push(links.record(t).await);
+    }
     Ok(ok(TaskPage {
-        tasks: tasks.into_iter().map(|t| links.record(t)).collect(),
+        tasks: records,
         next_cursor,
     }))
 }
@@ -615,7 +619,7 @@ pub async fn cancel(
         .await?
         .ok_or_else(|| ApiError::NotFound("Task not found".into()))?;
     let links = crate::links::AnswerLinks::for_answer(&state).await?;
-    Ok(ok(links.record(task)))
+    Ok(ok(links.record(task).await))
 }
 
 /// `GET /api/v1/jobs/stream?taskId=`: Server-Sent Events, one `task` event per change of
@@ -712,7 +716,7 @@ pub async fn stream(
             f.last = Some(key);
             let event = Event::default()
                 .event("task")
-                .json_data(f.links.record(task))
+                .json_data(f.links.record(task).await)
                 .ok()?;
             return Some((Ok(event), f));
         }

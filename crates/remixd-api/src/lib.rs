@@ -79,6 +79,9 @@ pub struct ApiConfig {
     pub uploads_ttl_ms: i64,
     /// `storage.private_files`: plain `/files/` URLs answer 404; answers sign result URLs.
     pub private_files: bool,
+    /// `storage.public = "presigned"`: answers and `download-url` hand out presigned
+    /// bucket URLs for this server's files (the storage must be a bucket).
+    pub presigned_links: bool,
     /// Open SSE streams per API key (`limits.streams_per_key`); `0`: no cap.
     pub streams_per_key: usize,
     /// How often a stream's shared watcher reads its task.
@@ -107,6 +110,7 @@ impl Default for ApiConfig {
             max_upload_bytes: 10 * 1024 * 1024,
             uploads_ttl_ms: 24 * 3_600_000,
             private_files: false,
+            presigned_links: false,
             streams_per_key: 8,
             stream_poll: Duration::from_millis(200),
             uploads_per_10s: 20,

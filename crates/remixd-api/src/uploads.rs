@@ -788,9 +788,7 @@ pub async fn download_url(
             "url is not usable by this account: the file does not exist or has expired, or belongs to another account",
         ));
     }
-    let expires = now_millis() + DOWNLOAD_LINK_MS;
-    let signer = state.link_signer().await?;
-    Ok(ok(signer.link(&state.cfg.public_url, &file_key, expires)))
+    Ok(ok(crate::links::download_link(&state, &file_key).await?))
 }
 
 /// The storage key behind a URL of this server's `/files/` (a result or an upload), by

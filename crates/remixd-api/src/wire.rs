@@ -89,13 +89,13 @@ struct CallbackBody {
 }
 
 /// The body POSTed to a task's `callBackUrl` when it is terminal, result URLs as stored.
-pub fn callback_body(task: &TaskRecord, remained_credits: i64) -> String {
-    callback_body_with(task, remained_credits, &crate::links::AnswerLinks::plain())
+pub async fn callback_body(task: &TaskRecord, remained_credits: i64) -> String {
+    callback_body_with(task, remained_credits, &crate::links::AnswerLinks::plain()).await
 }
 
 /// The callback body with result URLs shown as `links` say (signed under
-/// `storage.private_files`).
-pub fn callback_body_with(
+/// `storage.private_files`, presigned under `storage.public = "presigned"`).
+pub async fn callback_body_with(
     task: &TaskRecord,
     remained_credits: i64,
     links: &crate::links::AnswerLinks,
@@ -110,7 +110,7 @@ pub fn callback_body_with(
             "Task failed."
         },
         data: CallbackData {
-            record: links.record(task.clone()),
+            record: links.record(task.clone()).await,
             consume_credits: consumed,
             remained_credits,
         },

@@ -26,8 +26,10 @@ use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-/// Builds a callback body from a terminal task and the balance left (the api crate's wire format).
-pub type PayloadFn = Arc<dyn Fn(&TaskRecord, i64) -> String + Send + Sync>;
+/// Builds a callback body from a terminal task and the balance left (the api crate's wire
+/// format); asynchronous, as its links may be presigned by the bucket.
+pub type PayloadFn =
+    Arc<dyn Fn(TaskRecord, i64) -> futures::future::BoxFuture<'static, String> + Send + Sync>;
 
 /// The retry delays of API.md §4: 5 s, 30 s, 2 min, 10 min, 30 min, 1 h, 2 h, 4 h, 8 h.
 pub const DEFAULT_SCHEDULE_S: [u64; 9] = [5, 30, 120, 600, 1800, 3600, 7200, 14400, 28800];
@@ -200,7 +202,7 @@ impl Deliverer {
         let payload = match &d.payload {
             Some(p) => p.clone(),
             None => match self.store.task(&d.task_id).await {
-                Ok(Some(task)) => (self.payload)(&task, d.remained_credits),
+                Ok(Some(task)) => (self.payload)(task, d.remained_credits).await,
                 Ok(None) => {
                     let outcome = AttemptOutcome::GiveUp {
                         status: None,

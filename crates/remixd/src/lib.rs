@@ -345,23 +345,7 @@ pub async fn launch_with_listener(
             &tracker,
             shutdown.clone(),
         );
-        let payload: PayloadFn = if settings.storage.private_files {
-            // Links in callback bodies outlive the ~16 h of retries (CALLBACK_LINK_MS).
-            let signer = remixd_api::links::LinkSigner::load(&*store).await?;
-            let (origin, base) = (origin.clone(), public_url.clone());
-            Arc::new(move |task, remained| {
-                let expires = remixd_domain::now_millis() + remixd_api::links::CALLBACK_LINK_MS;
-                let links = remixd_api::links::AnswerLinks::signed(
-                    signer.clone(),
-                    origin.clone(),
-                    &base,
-                    expires,
-                );
-                remixd_api::wire::callback_body_with(task, remained, &links)
-            })
-        } else {
-            Arc::new(remixd_api::wire::callback_body)
-        };
+        let payload = callback_payload(&settings, &*store, &blobs, &origin, &public_url).await?;
         Deliverer::new(
             store.clone(),
             fetcher.clone(),
@@ -374,6 +358,7 @@ pub async fn launch_with_listener(
     }
 
     let api_cfg = ApiConfig {
+        presigned_links: settings.storage.public == settings::PublicFiles::Presigned,
         error_http_status: settings.api.error_http_status,
         maintenance: settings.api.maintenance,
         disabled: settings.api.disabled.clone(),
@@ -441,6 +426,44 @@ pub async fn launch_with_listener(
     tracker.wait().await;
     tracing::info!("remixd stopped");
     Ok(())
+}
+
+/// How callback bodies show result URLs: as stored; signed by this server under
+/// `storage.private_files`; presigned by the bucket under `storage.public = "presigned"`.
+/// Their links outlive the ~16 h of retries (`CALLBACK_LINK_MS`): the body is fixed at
+/// the first attempt.
+async fn callback_payload(
+    settings: &Settings,
+    store: &dyn Store,
+    blobs: &Blobs,
+    origin: &remixd_domain::ServerOrigin,
+    public_url: &str,
+) -> anyhow::Result<PayloadFn> {
+    use remixd_api::links::{AnswerLinks, LinkSigner, CALLBACK_LINK_MS};
+    let private = settings.storage.private_files;
+    let presigned = settings.storage.public == settings::PublicFiles::Presigned;
+    if !private && !presigned {
+        return Ok(Arc::new(|task, remained| {
+            Box::pin(async move { remixd_api::wire::callback_body(&task, remained).await })
+        }));
+    }
+    let signer = match private {
+        true => Some(LinkSigner::load(store).await?),
+        false => None,
+    };
+    let (origin, base, blobs) = (origin.clone(), public_url.to_string(), blobs.clone());
+    Ok(Arc::new(move |task, remained| {
+        let expires = remixd_domain::now_millis() + CALLBACK_LINK_MS;
+        let mut links = match &signer {
+            Some(s) => AnswerLinks::signed(s.clone(), origin.clone(), &base, expires),
+            None => AnswerLinks::plain(),
+        };
+        if presigned {
+            let lasting = Duration::from_millis(CALLBACK_LINK_MS as u64);
+            links = links.presigned_by(blobs.clone(), origin.clone(), lasting);
+        }
+        Box::pin(async move { remixd_api::wire::callback_body_with(&task, remained, &links).await })
+    }))
 }
 
 /// A shutdown token that fires on SIGTERM or Ctrl-C.

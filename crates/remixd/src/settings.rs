@@ -165,6 +165,20 @@ pub struct StorageSettings {
     pub min_free_mb: u64,
     /// Plain `/files/` URLs answer 404; results are handed out as signed links.
     pub private_files: bool,
+    /// How answers hand out the files: through the API nodes (`api`), or as presigned
+    /// bucket URLs (`presigned`, with `storage.url = "s3://…"` only).
+    pub public: PublicFiles,
+}
+
+/// `storage.public`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PublicFiles {
+    /// `<public_url>/files/<key>`, served by the API nodes.
+    #[default]
+    Api,
+    /// A bucket URL signed for the answer's life (20 minutes; 24 hours in callbacks).
+    Presigned,
 }
 
 impl Default for StorageSettings {
@@ -174,6 +188,7 @@ impl Default for StorageSettings {
             s3: S3Settings::default(),
             min_free_mb: 128,
             private_files: false,
+            public: PublicFiles::Api,
         }
     }
 }
@@ -778,6 +793,11 @@ impl Settings {
                 "limits.{key} must be 0 (no cap) up to 100000, not {v}"
             );
         }
+        anyhow::ensure!(
+            self.storage.public == PublicFiles::Api || self.storage_url().starts_with("s3://"),
+            "storage.public = \"presigned\" needs the files in a bucket (storage.url = \"s3://bucket/prefix\"), not {}",
+            self.storage_url()
+        );
         if let Some(u) = &self.server.public_url {
             let parsed =
                 url::Url::parse(u).map_err(|e| anyhow::anyhow!("server.public_url {u:?}: {e}"))?;
@@ -1024,6 +1044,7 @@ mod tests {
                 ("[credits]\nturbo = 5\nturob = 1\n", "turob"),
                 ("[storage]\nmin_free_mbb = 1\n", "min_free_mbb"),
                 ("[retention]\nsweep_intervals = 1\n", "sweep_intervals"),
+                ("[storage]\npublic = \"bucket\"\n", "storage.public"),
             ] {
                 jail.create_file("u.toml", toml)?;
                 let e = Settings::load(Some(Path::new("u.toml")))
@@ -1089,6 +1110,10 @@ mod tests {
                 (
                     "[engine]\nfallback = [\"fal\"]\n",
                     "engine.fallback is for upstream engines",
+                ),
+                (
+                    "[storage]\npublic = \"presigned\"\n",
+                    "storage.public = \"presigned\" needs the files in a bucket",
                 ),
             ] {
                 jail.create_file("r.toml", toml)?;

@@ -1,6 +1,6 @@
 //! Beyond one machine, on one: two API processes and two worker processes of the real
 //! binary on one PostgreSQL database (a fresh schema of the suite's throwaway cluster)
-//! and one file storage. A burst spread over both API nodes all ends; a worker killed
+//! and one bucket (an S3-protocol server on loopback). A burst spread over both API nodes all ends; a worker killed
 //! mid-task has its tasks taken over after the lease, none lost and none charged twice;
 //! a task's SSE stream on one API node follows the work of a worker elsewhere; result
 //! files are served by either API node; the 429 limits hold across both API nodes.
@@ -13,15 +13,33 @@ use std::time::{Duration, Instant};
 
 use remixd_domain::TaskState;
 use remixd_store::{PostgresStore, Store};
+use remixd_testkit::s3::S3Server;
 use remixd_testkit::{Api, ImageServer};
 use serde_json::{json, Value};
 
-/// One node's configuration: its own data dir and port, the shared database and files.
+/// The `[storage]` lines of files in a directory every node shares.
+fn shared_dir(files: &Path) -> String {
+    format!("url = \"file://{}\"", files.display())
+}
+
+/// The `[storage]` lines of files in the bucket of `s3`.
+fn bucket(s3: &S3Server) -> String {
+    format!(
+        "url = \"{}\"\n[storage.s3]\nendpoint = \"{}\"\npath_style = true\naccess_key = \"{}\"\nsecret = \"{}\"",
+        s3.url("files"),
+        s3.endpoint,
+        s3.access_key,
+        s3.secret
+    )
+}
+
+/// One node's configuration: its own data dir and port, the shared database and
+/// `storage` (the `[storage]` table's lines).
 fn write_config(
     dir: &Path,
     port: u16,
     db: &str,
-    files: &Path,
+    storage: &str,
     public_url: &str,
     poll_ms: u64,
 ) -> PathBuf {
@@ -34,9 +52,6 @@ public_url = "{public_url}"
 [database]
 url = "{db}"
 max_connections = 8
-[storage]
-url = "file://{files}"
-min_free_mb = 0
 [fetch]
 allow = ["127.0.0.1/32"]
 [limits]
@@ -49,9 +64,11 @@ delay_ms = 400
 lease_ms = 1500
 poll_ms = {poll_ms}
 shutdown_grace_ms = 3000
+[storage]
+min_free_mb = 0
+{storage}
 "#,
         dir = dir.display(),
-        files = files.display(),
     );
     let path = dir.join("remixd.toml");
     std::fs::write(&path, cfg).unwrap();
@@ -114,7 +131,8 @@ async fn wait_all_done(api: &Api, ids: &[String], within: Duration) -> Vec<Value
 async fn two_api_nodes_and_two_workers_share_one_database() {
     let db = remixd_testkit::postgres::fresh_schema("cluster").await;
     let root = tempfile::tempdir().unwrap();
-    let files = root.path().join("files");
+    let s3 = S3Server::start("remixd").await;
+    let storage = bucket(&s3);
     let img = ImageServer::start().await;
     let ports: Vec<u16> = (0..4).map(|_| common::free_port()).collect();
     let public = format!("http://127.0.0.1:{}", ports[0]);
@@ -122,7 +140,7 @@ async fn two_api_nodes_and_two_workers_share_one_database() {
         .iter()
         .zip(&ports)
         .map(|(name, port)| {
-            write_config(&root.path().join(name), *port, &db, &files, &public, 1000)
+            write_config(&root.path().join(name), *port, &db, &storage, &public, 1000)
         })
         .collect();
 
@@ -231,13 +249,16 @@ async fn two_api_nodes_and_two_workers_share_one_database() {
     let consumed = store.credits_in_tasks(&acct.id).await.unwrap();
     assert_eq!(consumed, 12 * ids.len() as i64, "each task charged once");
     assert_eq!(acct.credits + consumed, 100_000, "no credit lost or made");
-    // Result files written by a worker are served by either API node.
+    // Result files written by a worker into the bucket are served by either API node.
     let r: Value = serde_json::from_str(done[0]["resultJson"].as_str().unwrap()).unwrap();
     let url = r["resultUrls"][0].as_str().unwrap();
     let path = url.strip_prefix(&public).unwrap();
+    let key = path.strip_prefix("/files/").unwrap();
+    let object = std::fs::read(s3.root.join("remixd/files").join(key)).expect("in the bucket");
     for base in [&api1.base, &api2.base] {
         let resp = reqwest::get(format!("{base}{path}")).await.unwrap();
         assert_eq!(resp.status(), 200, "{base}{path}");
+        assert_eq!(resp.bytes().await.unwrap(), object);
     }
 
     // The query limit (20 per key per second) holds across both nodes: 40 queries in a
@@ -274,7 +295,7 @@ async fn a_create_on_one_node_wakes_a_worker_on_another() {
         &root.path().join("api"),
         ports[0],
         &db,
-        &files,
+        &shared_dir(&files),
         &public,
         60_000,
     );
@@ -282,7 +303,7 @@ async fn a_create_on_one_node_wakes_a_worker_on_another() {
         &root.path().join("w"),
         ports[1],
         &db,
-        &files,
+        &shared_dir(&files),
         &public,
         60_000,
     );

@@ -286,6 +286,25 @@ async fn download_url(api: &Api, url: &str) -> remixd_testkit::Answer {
     .await
 }
 
+/// The last record the SSE stream of a finished task sends.
+async fn last_streamed(api: &Api, task_id: &str) -> Value {
+    let text = api
+        .http
+        .get(format!("{}/api/v1/jobs/stream?taskId={task_id}", api.base))
+        .bearer_auth(&api.key)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let data = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data:"))
+        .next_back();
+    serde_json::from_str(data.expect("a task event").trim()).unwrap()
+}
+
 /// The first value of `name` in a URL's query.
 fn query(url: &str, name: &str) -> String {
     let u = url::Url::parse(url).unwrap();
@@ -394,26 +413,7 @@ async fn private_files_are_served_through_signed_links_only() {
     );
 
     // The stream and the callback sign them too.
-    let r = owner
-        .http
-        .get(format!(
-            "{}/api/v1/jobs/stream?taskId={}",
-            srv.api.base,
-            d["taskId"].as_str().unwrap()
-        ))
-        .bearer_auth(&owner.key)
-        .send()
-        .await
-        .unwrap();
-    let text = r.text().await.unwrap();
-    let event: Value = serde_json::from_str(
-        text.lines()
-            .filter_map(|l| l.strip_prefix("data:"))
-            .next_back()
-            .unwrap()
-            .trim(),
-    )
-    .unwrap();
+    let event = last_streamed(&owner, d["taskId"].as_str().unwrap()).await;
     let streamed: Value = serde_json::from_str(event["resultJson"].as_str().unwrap()).unwrap();
     assert_eq!(
         get(streamed["resultUrls"][0].as_str().unwrap()).await.0,
@@ -440,5 +440,110 @@ async fn private_files_are_served_through_signed_links_only() {
         let a = download_url(&other, url).await;
         assert_eq!(a.code(), 422, "{url}: {:?}", a.body);
     }
+    srv.stop().await;
+}
+
+/// With `storage.public = "presigned"`, every answer that shows a file (recordInfo, the
+/// stream, the callback, download-url) hands out a bucket URL signed for its life, which
+/// the bucket serves with the stored bytes and refuses once tampered with. With
+/// `storage.private_files` too, the API nodes serve no plain URL: every byte the client
+/// reads comes from the bucket. Upload answers keep this server's URL, the handle tasks
+/// name their inputs by.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presigned_answers_hand_out_bucket_urls() {
+    let s3 = remixd_testkit::s3::S3Server::start("remixd").await;
+    let receiver = Receiver::start().await;
+    let srv = TestServer::start_with(|s| {
+        common::use_bucket(s, &s3, "files");
+        s.storage.public = remixd::settings::PublicFiles::Presigned;
+        s.storage.private_files = true;
+    })
+    .await;
+    let owner = srv.account("owner", 10_000, Default::default()).await;
+    let other = srv.account("other", 10_000, Default::default()).await;
+    let base = upload(&owner, samples::COFFEE_WEBP, "base.webp").await;
+    let character = upload(&owner, samples::ASTRONAUT_WEBP, "character.webp").await;
+    assert!(
+        base.starts_with(&format!("{}/files/uploads/", srv.api.base)),
+        "{base}"
+    );
+    let mut body = task(&base, &character);
+    body["callBackUrl"] = json!(receiver.url("ok"));
+    let d = run(&owner, &body).await;
+    assert_eq!(d["state"], "success", "{d}");
+
+    // The bucket's object of a presigned URL (path-style: /<bucket>/<prefix>/<key>).
+    let bucket_prefix = format!("{}/remixd/files/", s3.endpoint);
+    let object = |link: &str| -> Vec<u8> {
+        let path = link.split('?').next().unwrap();
+        let rel = path
+            .strip_prefix(&bucket_prefix)
+            .unwrap_or_else(|| panic!("{link} is not a URL of the bucket {bucket_prefix}"));
+        std::fs::read(s3.root.join("remixd/files").join(rel)).expect("the object")
+    };
+    let lifetime = |link: &str| query(link, "X-Amz-Expires").parse::<u64>().unwrap();
+
+    // recordInfo: both spellings of the result are the same presigned object.
+    let doc: Value = serde_json::from_str(d["resultJson"].as_str().unwrap()).unwrap();
+    let link = doc["resultUrls"][0].as_str().unwrap().to_string();
+    assert!(
+        link.contains("/results/") && query(&link, "X-Amz-Signature").len() == 64,
+        "{link}"
+    );
+    let image_link = doc["images"][0]["url"].as_str().unwrap();
+    assert_eq!(image_link.split('?').next(), link.split('?').next());
+    assert_eq!(lifetime(&link), 20 * 60);
+    let (status, bytes) = get(&link).await;
+    assert_eq!(status, 200);
+    assert!(bytes.starts_with(b"\x89PNG"));
+    assert_eq!(bytes, object(&link), "the bucket serves the stored bytes");
+    let sig = query(&link, "X-Amz-Signature");
+    let forged = link.replace(
+        &sig,
+        &format!(
+            "{}{}",
+            &sig[..63],
+            if sig.ends_with('0') { '1' } else { '0' }
+        ),
+    );
+    assert_eq!(
+        get(&forged).await.0,
+        403,
+        "a tampered presigned URL is refused"
+    );
+    let key = link
+        .strip_prefix(&bucket_prefix)
+        .unwrap()
+        .split('?')
+        .next()
+        .unwrap();
+    let plain = format!("{}/files/{key}", srv.api.base);
+    assert_eq!(
+        get(&plain).await.0,
+        404,
+        "private: no plain URL through the API"
+    );
+
+    // The stream's last event.
+    let event = last_streamed(&owner, d["taskId"].as_str().unwrap()).await;
+    let streamed: Value = serde_json::from_str(event["resultJson"].as_str().unwrap()).unwrap();
+    let streamed = streamed["resultUrls"][0].as_str().unwrap();
+    assert_eq!(object(streamed), get(streamed).await.1);
+
+    // The callback: presigned for 24 hours, outliving the retries.
+    let got = receiver.wait_for(1, DONE).await;
+    let cb = got[0].json();
+    let called: Value = serde_json::from_str(cb["data"]["resultJson"].as_str().unwrap()).unwrap();
+    let cb_link = called["resultUrls"][0].as_str().unwrap();
+    assert_eq!(lifetime(cb_link), 24 * 3600);
+    assert_eq!(get(cb_link).await, (200, object(cb_link)));
+
+    // download-url: an upload of the owner's, from the bucket; never another account's.
+    let a = download_url(&owner, &base).await;
+    assert_eq!(a.code(), 200, "{:?}", a.body);
+    let up = a.body["data"].as_str().unwrap();
+    assert_eq!(lifetime(up), 20 * 60);
+    assert_eq!(get(up).await, (200, samples::COFFEE_WEBP.to_vec()));
+    assert_eq!(download_url(&other, &base).await.code(), 422);
     srv.stop().await;
 }

@@ -148,11 +148,7 @@ async fn a_single_node_moves_to_postgres_and_a_bucket_and_back() {
     // A server on the copies: same key, balance, tasks and files.
     let moved = TestServer::start_with(|s| {
         s.database.url = Some(pg.clone());
-        s.storage.url = Some(bucket.clone());
-        s.storage.s3.endpoint = Some(s3.endpoint.clone());
-        s.storage.s3.path_style = true;
-        s.storage.s3.access_key = Some(remixd::settings::Secret(s3.access_key.clone()));
-        s.storage.s3.secret = Some(remixd::settings::Secret(s3.secret.clone()));
+        common::use_bucket(s, &s3, "moved");
     })
     .await;
     let api = moved.api.with_key(&key);

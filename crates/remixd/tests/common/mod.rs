@@ -132,6 +132,15 @@ pub async fn ready_client(base: &str, data_dir: &std::path::Path) -> Api {
     Api::new(base, &key)
 }
 
+/// Keeps the files of `s` under `prefix` in the bucket of `s3` (path-style, its keys).
+pub fn use_bucket(s: &mut Settings, s3: &remixd_testkit::s3::S3Server, prefix: &str) {
+    s.storage.url = Some(s3.url(prefix));
+    s.storage.s3.endpoint = Some(s3.endpoint.clone());
+    s.storage.s3.path_style = true;
+    s.storage.s3.access_key = Some(remixd::settings::Secret(s3.access_key.clone()));
+    s.storage.s3.secret = Some(remixd::settings::Secret(s3.secret.clone()));
+}
+
 /// A loopback port free at the time of asking (for a process started with it).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
