@@ -42,7 +42,14 @@ pub struct Limits {
     clock: DefaultClock,
     uploads: Arc<Mutex<InFlight>>,
     shared: Option<Arc<dyn Store>>,
+    /// When the last warning about unavailable shared counters was logged (Unix ms),
+    /// and how many failures went unlogged since: one warning per
+    /// [`OUTAGE_WARNING_EVERY_MS`], not one per request, while the database is down.
+    outage: Mutex<(i64, u64)>,
 }
+
+/// How often an outage of the shared counters is logged.
+const OUTAGE_WARNING_EVERY_MS: i64 = 30_000;
 
 /// Uploads being handled now.
 #[derive(Debug, Default)]
@@ -112,6 +119,7 @@ impl Limits {
             clock: DefaultClock::default(),
             uploads: Arc::default(),
             shared: None,
+            outage: Mutex::new((i64::MIN, 0)),
         }
     }
 
@@ -143,16 +151,29 @@ impl Limits {
                     return Err((us.max(0) as u64).div_ceil(1_000_000).max(1))
                 }
                 Ok(None) => {}
-                Err(e) => tracing::warn!(
-                    error = %e,
-                    "shared rate limits unavailable; this node limits on its own meanwhile"
-                ),
+                Err(e) => self.outage_seen(&e),
             }
         }
         l.local.check_key(&key.to_string()).map_err(|not_until| {
             let wait = not_until.wait_time_from(self.clock.now());
             wait.as_secs() + u64::from(wait.subsec_nanos() > 0)
         })
+    }
+
+    /// Logs an outage of the shared counters, at most once per
+    /// [`OUTAGE_WARNING_EVERY_MS`], with the number of failures since the last warning.
+    fn outage_seen(&self, e: &remixd_store::StoreError) {
+        let now = remixd_domain::now_millis();
+        let mut o = self.outage.lock().expect("outage");
+        o.1 += 1;
+        if now.saturating_sub(o.0) >= OUTAGE_WARNING_EVERY_MS {
+            tracing::warn!(
+                error = %e,
+                failures = o.1,
+                "shared rate limits unavailable; this node limits on its own meanwhile"
+            );
+            *o = (now, 0);
+        }
     }
 
     /// A createTask by this account; `Err(seconds to wait)` when over the limit.
@@ -210,6 +231,33 @@ impl Limits {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_outage_is_logged_once_per_interval_with_its_count() {
+        let l = Limits::new(1, 1);
+        let e = remixd_store::StoreError::Full("test".into());
+        l.outage_seen(&e);
+        let (logged_at, unlogged) = *l.outage.lock().unwrap();
+        assert!(
+            logged_at > 0 && unlogged == 0,
+            "the first failure is logged"
+        );
+        for _ in 0..5 {
+            l.outage_seen(&e);
+        }
+        assert_eq!(
+            *l.outage.lock().unwrap(),
+            (logged_at, 5),
+            "later ones are counted, not logged"
+        );
+        l.outage.lock().unwrap().0 -= OUTAGE_WARNING_EVERY_MS;
+        l.outage_seen(&e);
+        assert_eq!(
+            l.outage.lock().unwrap().1,
+            0,
+            "logged again after the interval"
+        );
+    }
 
     #[tokio::test]
     async fn burst_then_refuse_per_key() {

@@ -1,6 +1,7 @@
 //! `remixd bench …`: measurements that print figures and assert nothing.
 //!
 //! - `bench preview`: the preview engine's time per image, render and PNG encoding apart.
+//! - `bench queue`: tasks created and claims taken per second on the configured database.
 //! - `bench callbacks`: callback latency from task completion to receipt (p50/p99), and
 //!   the deliveries per second the deliverer sustains, against a receiver on loopback.
 
@@ -650,5 +651,173 @@ pub fn sd(b: SdBench) -> anyhow::Result<()> {
     }
     let figures = Value::Object(figures);
     println!("{figures}");
+    Ok(())
+}
+
+/// A phase of `bench queue`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum QueuePhase {
+    /// Create the tasks (each reserving its credit, as createTask does).
+    Fill,
+    /// Claim ready tasks until none is left.
+    Claim,
+    /// Fill, then claim.
+    Both,
+    /// The shared rate counters alone: `tasks` checks spread over 100 keys, as many
+    /// clients would make them (PostgreSQL only; SQLite keeps no shared counters).
+    Rate,
+}
+
+/// The queue of the configured database, without HTTP or engines: `fill` creates
+/// `tasks` tasks with `concurrency` creators at once (each reserves a credit, as
+/// createTask does); `claim` has `concurrency` claimers walk tasks through both
+/// stages as workers do (the fair fetch claim, inputs ready, the generate claim,
+/// success: two claims per task) until none is left. Prints one JSON object per phase:
+/// the tasks, the seconds, the rate, and the wall-clock bounds (`first_ms`, `last_ms`)
+/// so that several processes claiming at once can be added up.
+pub async fn queue(
+    settings: Settings,
+    tasks: usize,
+    concurrency: usize,
+    phase: QueuePhase,
+) -> anyhow::Result<()> {
+    use futures::StreamExt;
+    use remixd_domain::{now_millis, TaskId};
+    let store = crate::open_store(&settings).await?;
+    let database = crate::settings::redact_url(&settings.database_url());
+    let concurrency = concurrency.max(1);
+    let report = |phase: &str, n: usize, first: i64, last: i64| {
+        let seconds = (last - first).max(1) as f64 / 1000.0;
+        println!(
+            "{}",
+            json!({"phase": phase, "database": database, "count": n, "concurrency": concurrency,
+                   "seconds": seconds, "per_s": n as f64 / seconds,
+                   "first_ms": first, "last_ms": last})
+        );
+    };
+    if phase == QueuePhase::Rate {
+        let first = now_millis();
+        let checks = futures::stream::iter(0..tasks)
+            .map(|i| {
+                let store = store.clone();
+                // One request per key per 10 ms at most, a burst of 1000: every check
+                // passes, so each is the one upsert a limited request costs.
+                async move {
+                    store
+                        .rate_check(&format!("bench {}", i % 100), 10_000, 1000)
+                        .await
+                }
+            })
+            .buffer_unordered(concurrency)
+            .collect::<Vec<_>>()
+            .await;
+        let last = now_millis();
+        for c in checks {
+            anyhow::ensure!(c?.is_some(), "{database} keeps no shared rate counters");
+        }
+        report("rate", tasks, first, last);
+        return Ok(());
+    }
+    if phase != QueuePhase::Claim {
+        let name = "bench-queue";
+        let account = match store.account_by_name(name).await? {
+            Some(a) => a,
+            None => {
+                store
+                    .create_account(&crate::uuid_like(), name, 0, now_millis())
+                    .await?
+            }
+        };
+        store.add_credits(name, tasks as i64).await?;
+        let (_, key) = remixd_api::auth::generate_key(name, "bench", Default::default());
+        let key = store.create_key(key, now_millis()).await?;
+        let input = remixd_domain::TaskInput {
+            prompt: "bench".into(),
+            image_url: "http://127.0.0.1:9/base.png".into(),
+            reference_image_url: "http://127.0.0.1:9/character.png".into(),
+            reference_mask_url: None,
+            style_image_urls: vec![],
+            rendering_speed: remixd_domain::RenderingSpeed::Turbo,
+            style: remixd_domain::Style::Auto,
+            expand_prompt: false,
+            image_size: remixd_domain::ImageSize::Square,
+            num_images: remixd_domain::NumImages::new(1).expect("1 is valid"),
+            seed: remixd_domain::Seed::new(1).expect("1 is valid"),
+            strength: remixd_domain::Strength::new(0.8).expect("0.8 is valid"),
+            negative_prompt: String::new(),
+        };
+        let first = now_millis();
+        let created = futures::stream::iter(0..tasks)
+            .map(|_| {
+                let task = remixd_store::NewTask {
+                    id: TaskId::new(),
+                    account_id: account.id.clone(),
+                    key_id: key.id.clone(),
+                    model: remixd_domain::MODEL_NAME.into(),
+                    param: "{}".into(),
+                    input: input.clone(),
+                    callback_url: None,
+                    cost: 1,
+                    now: now_millis(),
+                    idempotency: None,
+                };
+                let store = store.clone();
+                async move { store.create_task(task).await }
+            })
+            .buffer_unordered(concurrency)
+            .collect::<Vec<_>>()
+            .await;
+        let last = now_millis();
+        for c in created {
+            anyhow::ensure!(
+                matches!(c?, remixd_store::CreateOutcome::Created { .. }),
+                "a task was refused"
+            );
+        }
+        report("fill", tasks, first, last);
+    }
+    if phase != QueuePhase::Fill {
+        // Each claimer walks tasks through the queue as a worker does, with no work in
+        // between: the fetch-stage claim, inputs ready, the generate-stage claim, success.
+        let first = now_millis();
+        let claimers = (0..concurrency).map(|i| {
+            let store = store.clone();
+            let owner = format!("bench-{}-{i}", std::process::id());
+            async move {
+                let (mut n, mut last) = (0usize, now_millis());
+                loop {
+                    let now = now_millis();
+                    let fetched = store
+                        .claim_fetch(&owner, now, now + 600_000, u32::MAX)
+                        .await?;
+                    if let Some(t) = &fetched {
+                        anyhow::ensure!(store.inputs_ready(&t.id, &owner, now_millis()).await?);
+                    }
+                    // Another claimer may take this task's generate stage; this one
+                    // finishes whichever it gets, and stops when neither stage has work.
+                    let now = now_millis();
+                    let generated = store
+                        .claim(remixd_store::Stage::Generate, &owner, now, now + 600_000)
+                        .await?;
+                    if let Some(g) = &generated {
+                        store.succeed(&g.id, &owner, "{}", now_millis()).await?;
+                        n += 1;
+                        last = now_millis();
+                    }
+                    if fetched.is_none() && generated.is_none() {
+                        return Ok::<_, anyhow::Error>((n, last));
+                    }
+                }
+            }
+        });
+        let mut total = 0;
+        let mut last = first;
+        for r in futures::future::join_all(claimers).await {
+            let (n, l) = r?;
+            total += n;
+            last = last.max(l);
+        }
+        report("claim", total, first, last);
+    }
     Ok(())
 }

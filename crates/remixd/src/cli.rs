@@ -234,6 +234,19 @@ pub enum BenchCmd {
         #[arg(long)]
         server_exe: Option<PathBuf>,
     },
+    /// The configured database's queue, without HTTP or engines: tasks created and
+    /// walked through both claims per second, or shared rate checks per second (JSON
+    /// per phase; scripts/bench-scale.sh).
+    Queue {
+        /// Tasks to create (fill), or rate checks to make (rate).
+        #[arg(long, default_value_t = 2000)]
+        tasks: usize,
+        /// Creators or claimers at once in this process.
+        #[arg(long, default_value_t = 4)]
+        concurrency: usize,
+        #[arg(long, value_enum, default_value_t = crate::bench::QueuePhase::Both)]
+        phase: crate::bench::QueuePhase,
+    },
     /// Callback latency (completion to receipt) and deliveries per second, on loopback.
     Callbacks {
         /// Tasks in the latency run; the throughput run uses four times as many.
@@ -559,6 +572,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             keep_freed,
             server_exe,
         }) => crate::membench::memory(keep_freed, server_exe).await,
+        Command::Bench(BenchCmd::Queue {
+            tasks,
+            concurrency,
+            phase,
+        }) => crate::bench::queue(settings, tasks, concurrency, phase).await,
         Command::Bench(BenchCmd::Callbacks { tasks }) => {
             crate::bench::callbacks(settings, tasks).await
         }
