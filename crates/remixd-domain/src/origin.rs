@@ -6,7 +6,9 @@
 //! public host name, the listen address), so the check works on parsed hosts (the `url`
 //! crate's WHATWG parsing has already lower-cased names and turned every IPv4 spelling
 //! into an address) and is shared by the store's file-URL classifier and the fetcher's
-//! last-line guard. Pure: no lookups, no sockets.
+//! last-line guard. Files kept in a bucket are also named by the bucket's own URLs (the
+//! presigned links of `storage.public = "presigned"`): [`ServerOrigin::with_bucket`]
+//! makes those this server's files too. Pure: no lookups, no sockets.
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -21,6 +23,9 @@ pub struct ServerOrigin {
     public_port: u16,
     /// The address the HTTP listener is bound to, once known.
     listen: Option<SocketAddr>,
+    /// The URL the storage keys of this server's bucket follow (`scheme://host:port/
+    /// path-prefix/`), when its files are in a bucket.
+    bucket: Option<Url>,
 }
 
 impl ServerOrigin {
@@ -40,7 +45,28 @@ impl ServerOrigin {
             public_host,
             public_port,
             listen,
+            bucket: None,
         })
+    }
+
+    /// This server, whose files are also the objects under `base` (a bucket URL up to
+    /// and including the storage's prefix and its final `/`).
+    pub fn with_bucket(mut self, base: Url) -> Self {
+        self.bucket = Some(base);
+        self
+    }
+
+    /// The raw (still percent-encoded) path of `url` after the bucket's base, when `url`
+    /// names an object of this server's bucket: same scheme, host and port, a path
+    /// under the base. Query and fragment (a presigned link's signature) are ignored.
+    pub fn bucket_path<'a>(&self, url: &'a Url) -> Option<&'a str> {
+        let b = self.bucket.as_ref()?;
+        let same_place = url.scheme() == b.scheme()
+            && url.host() == b.host()
+            && url.port_or_known_default() == b.port_or_known_default();
+        same_place
+            .then(|| url.path().strip_prefix(b.path()))
+            .flatten()
     }
 
     pub fn listen(&self) -> Option<SocketAddr> {
@@ -137,6 +163,39 @@ fn is_local_ip(ip: IpAddr) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bucket_urls_are_recognised_by_place_and_prefix() {
+        let base = Url::parse("http://127.0.0.1:9000/remixd/files/").unwrap();
+        let o = ServerOrigin::new("http://127.0.0.1:8080", None)
+            .unwrap()
+            .with_bucket(base);
+        let path = |u: &str| o.bucket_path(&Url::parse(u).unwrap()).map(str::to_string);
+        assert_eq!(
+            path("http://127.0.0.1:9000/remixd/files/results/t/k/0.png?X-Amz-Signature=ab")
+                .as_deref(),
+            Some("results/t/k/0.png")
+        );
+        assert_eq!(
+            path("HTTP://127.1:9000/remixd/files/uploads/a%2Fb.png").as_deref(),
+            Some("uploads/a%2Fb.png"),
+            "any spelling of the same place; the remainder stays encoded"
+        );
+        for other in [
+            "https://127.0.0.1:9000/remixd/files/results/t/k/0.png",
+            "http://127.0.0.1:9001/remixd/files/results/t/k/0.png",
+            "http://localhost:9000/remixd/files/results/t/k/0.png",
+            "http://127.0.0.1:9000/remixd/other/results/t/k/0.png",
+            "http://127.0.0.1:9000/remixd/files",
+        ] {
+            assert_eq!(path(other), None, "{other}");
+        }
+        let plain = ServerOrigin::new("http://127.0.0.1:8080", None).unwrap();
+        assert_eq!(
+            plain.bucket_path(&Url::parse("http://127.0.0.1:9000/remixd/files/x").unwrap()),
+            None
+        );
+    }
 
     fn origin() -> ServerOrigin {
         ServerOrigin::new(

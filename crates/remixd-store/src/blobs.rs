@@ -135,13 +135,21 @@ pub fn classify_url(origin: &ServerOrigin, url: &str) -> FileUrl {
     let Ok(u) = url::Url::parse(url.trim()) else {
         return FileUrl::Foreign;
     };
-    if !matches!(u.scheme(), "http" | "https") || !origin.designates_url(&u) {
+    if !matches!(u.scheme(), "http" | "https") {
         return FileUrl::Foreign;
     }
-    let Ok(path) = percent_encoding::percent_decode_str(u.path()).decode_utf8() else {
+    // This server's `/files/<key>`, or `<key>` under its bucket's base (a presigned link).
+    let (raw, prefix) = if origin.designates_url(&u) {
+        (u.path(), "/files/")
+    } else if let Some(rest) = origin.bucket_path(&u) {
+        (rest, "")
+    } else {
+        return FileUrl::Foreign;
+    };
+    let Ok(path) = percent_encoding::percent_decode_str(raw).decode_utf8() else {
         return FileUrl::NotAFile;
     };
-    match path.strip_prefix("/files/") {
+    match path.strip_prefix(prefix) {
         Some(key) if valid_key(key) && PUBLIC_PREFIXES.iter().any(|p| key.starts_with(p)) => {
             FileUrl::File(key.to_string())
         }
@@ -264,6 +272,26 @@ impl Blobs {
                 .signed_url(http::Method::GET, &full, expires_in)
                 .await?,
         ))
+    }
+
+    /// The URL this bucket's presigned links start with, up to the storage's prefix and
+    /// its final `/` (what [`ServerOrigin::with_bucket`] takes); `None` when the files
+    /// are not in a bucket. Signs a link to a key that need not exist, and cuts it.
+    pub async fn presigned_base(&self) -> Result<Option<url::Url>, BlobError> {
+        const PROBE: &str = "presigned-base-probe";
+        let Some(mut u) = self
+            .presigned_get(PROBE, std::time::Duration::from_secs(60))
+            .await?
+        else {
+            return Ok(None);
+        };
+        let Some(base) = u.path().strip_suffix(PROBE).map(str::to_string) else {
+            return Ok(None);
+        };
+        u.set_path(&base);
+        u.set_query(None);
+        u.set_fragment(None);
+        Ok(Some(u))
     }
 
     pub async fn put(&self, key: &str, bytes: Bytes) -> Result<(), BlobError> {
@@ -462,6 +490,42 @@ mod tests {
         }
         assert_eq!(result_task("results/t1/k/0.png"), Some("t1"));
         assert_eq!(result_task("uploads/t1/k/0.png"), None);
+    }
+
+    #[test]
+    fn the_buckets_urls_of_its_files_are_this_servers_files() {
+        let base = url::Url::parse("http://127.0.0.1:9000/remixd/files/").unwrap();
+        let o = ServerOrigin::new("http://127.0.0.1:8080", None)
+            .unwrap()
+            .with_bucket(base);
+        let file = |k: &str| FileUrl::File(k.to_string());
+        for url in [
+            "http://127.0.0.1:9000/remixd/files/results/t/k/0.png?X-Amz-Signature=ab",
+            "HTTP://127.1:9000/remixd/files/results/t/k/0.png",
+            "http://127.0.0.1:9000/remixd/files/results%2Ft/k/0.png",
+            "http://127.0.0.1:9000/remixd/files/x/../results/t/k/0.png",
+        ] {
+            assert_eq!(classify_url(&o, url), file("results/t/k/0.png"), "{url}");
+        }
+        for url in [
+            "http://127.0.0.1:9000/remixd/files/inputs/t/base",
+            "http://127.0.0.1:9000/remixd/files/results/..%2F..%2Fx",
+        ] {
+            assert_eq!(classify_url(&o, url), FileUrl::NotAFile, "{url}");
+        }
+        for url in [
+            "http://127.0.0.1:9000/remixd/files/../other/results/t/k/0.png",
+            "http://127.0.0.1:9000/remixd/results/t/k/0.png",
+            "https://127.0.0.1:9000/remixd/files/results/t/k/0.png",
+            "http://127.0.0.1:9001/remixd/files/results/t/k/0.png",
+        ] {
+            assert_eq!(classify_url(&o, url), FileUrl::Foreign, "{url}");
+        }
+        assert_eq!(
+            classify_url(&o, "http://127.0.0.1:8080/files/uploads/ab/x/a.png"),
+            file("uploads/ab/x/a.png"),
+            "the server's own URLs still count"
+        );
     }
 
     #[tokio::test]

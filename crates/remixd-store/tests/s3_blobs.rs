@@ -84,6 +84,13 @@ async fn presigned_urls_read_one_object_until_they_expire() {
         .unwrap()
         .expect("a bucket signs");
     assert!(url.as_str().starts_with(&s3.endpoint), "{url}");
+    let base = blobs
+        .presigned_base()
+        .await
+        .unwrap()
+        .expect("a bucket's base");
+    assert_eq!(base.as_str(), format!("{}/remixd/p/", s3.endpoint));
+    assert!(url.as_str().starts_with(base.as_str()));
     let got = reqwest::get(url.clone()).await.unwrap();
     assert_eq!(got.status(), 200);
     assert_eq!(got.bytes().await.unwrap().as_ref(), b"image bytes");
@@ -111,6 +118,7 @@ async fn presigned_urls_read_one_object_until_they_expire() {
     let dir = tempfile::tempdir().unwrap();
     let local = Blobs::open(&format!("file://{}", dir.path().display())).unwrap();
     assert!(!local.can_presign());
+    assert_eq!(local.presigned_base().await.unwrap(), None);
     assert_eq!(
         local
             .presigned_get("results/t/tok/0.png", Duration::from_secs(1))

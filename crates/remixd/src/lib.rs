@@ -252,8 +252,18 @@ pub async fn launch_with_listener(
     let blobs = Blobs::open_with(&settings.storage_url(), &settings.s3_options())
         .context("opening file storage")?;
     let space = space_guard(&settings, &blobs);
-    let origin = remixd_domain::ServerOrigin::new(&public_url, Some(addr))
+    let mut origin = remixd_domain::ServerOrigin::new(&public_url, Some(addr))
         .map_err(|e| anyhow::anyhow!(e))?;
+    // The bucket's own URLs of its files (presigned links handed out by any node) name
+    // this server's files too: read from storage under the ownership rule, never fetched.
+    match blobs.presigned_base().await {
+        Ok(Some(base)) => origin = origin.with_bucket(base),
+        Ok(None) => {}
+        Err(e) => tracing::warn!(
+            error = %e,
+            "cannot sign bucket URLs; presigned links will not be recognised as this server's files"
+        ),
+    }
     let fetcher = build_fetcher(&settings, Some(origin.clone()))?;
     let engine = build_engine(&settings, &fetcher)?;
 

@@ -448,7 +448,8 @@ async fn private_files_are_served_through_signed_links_only() {
 /// the bucket serves with the stored bytes and refuses once tampered with. With
 /// `storage.private_files` too, the API nodes serve no plain URL: every byte the client
 /// reads comes from the bucket. Upload answers keep this server's URL, the handle tasks
-/// name their inputs by.
+/// name their inputs by; a presigned link given back as an input is this server's file,
+/// under the ownership rule.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn presigned_answers_hand_out_bucket_urls() {
     let s3 = remixd_testkit::s3::S3Server::start("remixd").await;
@@ -523,6 +524,19 @@ async fn presigned_answers_hand_out_bucket_urls() {
         404,
         "private: no plain URL through the API"
     );
+
+    // A presigned link is this server's file, by any spelling of the bucket: a task of
+    // its owner reads it from storage ("remix again"), another account's is refused,
+    // though the link itself would let anyone download it.
+    let again = run(
+        &owner,
+        &task(&link.replace("http://", "HTTP://"), &character),
+    )
+    .await;
+    assert_eq!(again["state"], "success", "{again}");
+    let theirs = upload(&other, samples::ASTRONAUT_WEBP, "character.webp").await;
+    let stolen = run(&other, &task(&link, &theirs)).await;
+    assert_refused(&stolen, "input.image_url", REFUSED);
 
     // The stream's last event.
     let event = last_streamed(&owner, d["taskId"].as_str().unwrap()).await;
