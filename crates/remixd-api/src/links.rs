@@ -54,18 +54,10 @@ struct SignedAnswers {
     expires: i64,
 }
 
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 struct PresignedAnswers {
     blobs: Blobs,
     expires_in: Duration,
-}
-
-impl std::fmt::Debug for PresignedAnswers {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PresignedAnswers")
-            .field("expires_in", &self.expires_in)
-            .finish_non_exhaustive()
-    }
 }
 
 impl AnswerLinks {
