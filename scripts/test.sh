@@ -20,6 +20,10 @@ echo "== tests"
 source scripts/postgres.sh
 trap postgres_stop EXIT
 postgres_start
+# Headless Chromium for the playground's browser tests (installed when missing).
+# shellcheck source=scripts/chromium.sh
+source scripts/chromium.sh
+chromium_ensure
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --locked --no-fail-fast
 else

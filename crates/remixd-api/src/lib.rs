@@ -12,6 +12,7 @@ mod handlers;
 pub mod limits;
 pub mod links;
 pub mod openapi;
+pub mod playground;
 pub mod uploads;
 pub mod validate;
 pub mod watch;
@@ -82,6 +83,11 @@ pub struct ApiConfig {
     /// `storage.public = "presigned"`: answers and `download-url` hand out presigned
     /// bucket URLs for this server's files (the storage must be a bucket).
     pub presigned_links: bool,
+    /// The bucket's origin (`scheme://host:port`) when answers show presigned links: the
+    /// playground's policy lets images load from it.
+    pub presigned_origin: Option<String>,
+    /// `server.playground`: `GET /` and `/playground` serve the web page.
+    pub playground: bool,
     /// Open SSE streams per API key (`limits.streams_per_key`); `0`: no cap.
     pub streams_per_key: usize,
     /// How often a stream's shared watcher reads its task.
@@ -111,6 +117,8 @@ impl Default for ApiConfig {
             uploads_ttl_ms: 24 * 3_600_000,
             private_files: false,
             presigned_links: false,
+            presigned_origin: None,
+            playground: true,
             streams_per_key: 8,
             stream_poll: Duration::from_millis(200),
             uploads_per_10s: 20,
@@ -248,7 +256,12 @@ impl AppState {
 
 /// The whole router.
 pub fn router(state: Arc<AppState>) -> Router {
-    Router::new()
+    let playground = if state.cfg.playground {
+        playground::routes()
+    } else {
+        Router::new()
+    };
+    playground
         .route("/api/v1/jobs/createTask", post(handlers::create_task))
         .route("/api/v1/jobs/recordInfo", get(handlers::record_info))
         .route("/api/v1/jobs/cancel", post(handlers::cancel))

@@ -254,10 +254,14 @@ pub async fn launch_with_listener(
     let space = space_guard(&settings, &blobs);
     let mut origin = remixd_domain::ServerOrigin::new(&public_url, Some(addr))
         .map_err(|e| anyhow::anyhow!(e))?;
+    let mut bucket_origin = None;
     // The bucket's own URLs of its files (presigned links handed out by any node) name
     // this server's files too: read from storage under the ownership rule, never fetched.
     match blobs.presigned_base().await {
-        Ok(Some(base)) => origin = origin.with_bucket(base),
+        Ok(Some(base)) => {
+            bucket_origin = Some(base.origin().ascii_serialization());
+            origin = origin.with_bucket(base);
+        }
         Ok(None) => {}
         Err(e) => tracing::warn!(
             error = %e,
@@ -369,6 +373,9 @@ pub async fn launch_with_listener(
 
     let api_cfg = ApiConfig {
         presigned_links: settings.storage.public == settings::PublicFiles::Presigned,
+        presigned_origin: bucket_origin
+            .filter(|_| settings.storage.public == settings::PublicFiles::Presigned),
+        playground: settings.server.playground,
         error_http_status: settings.api.error_http_status,
         maintenance: settings.api.maintenance,
         disabled: settings.api.disabled.clone(),

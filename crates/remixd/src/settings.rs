@@ -83,6 +83,8 @@ pub struct ServerSettings {
     pub max_connections: usize,
     /// Time open connections get to finish after shutdown begins; then they are dropped.
     pub shutdown_timeout_ms: u64,
+    /// `GET /` and `/playground` serve the web playground.
+    pub playground: bool,
 }
 
 impl Default for ServerSettings {
@@ -96,6 +98,7 @@ impl Default for ServerSettings {
             idle_timeout_ms: 60_000,
             max_connections: 0,
             shutdown_timeout_ms: 10_000,
+            playground: true,
         }
     }
 }
