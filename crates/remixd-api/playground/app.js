@@ -372,6 +372,8 @@ function remixAgain(rec) {
   try { param = JSON.parse(rec.param || "{}"); } catch (_) { return; }
   const input = param.input || {};
   clearErrors();
+  document.querySelectorAll(".slot .url, .slot .file").forEach((e) => { e.value = ""; });
+  document.querySelectorAll(".slot .status").forEach((e) => { e.textContent = ""; });
   chosen.image_url = input.image_url ? [input.image_url] : [];
   chosen.reference_image_urls = (input.reference_image_urls || []).slice(0, 1);
   const mask = Array.isArray(input.reference_mask_urls) ? input.reference_mask_urls[0] : input.reference_mask_urls;

@@ -3,7 +3,8 @@
 //! preview engine. A person's whole visit: enter a key, upload a base image, a character
 //! reference, a mask and a style image, see the cost, submit, watch the progress, see
 //! two results, download one (the same bytes the API serves), see a validation error
-//! next to its field, re-open a task from the history, remix it again, forget the key.
+//! next to its field (and an unreachable URL's next to its image), re-open a task from
+//! the history, remix it again (by keyboard), forget the key; light and dark.
 //! Screenshots of the main states at desktop and phone width go to
 //! `target/playground-screenshots/`. The page runs under its own Content-Security-Policy
 //! the whole time, and no request URL ever carries the key.
@@ -22,7 +23,9 @@ use chromiumoxide::cdp::browser_protocol::browser::{
     SetDownloadBehaviorBehavior, SetDownloadBehaviorParams,
 };
 use chromiumoxide::cdp::browser_protocol::dom::SetFileInputFilesParams;
-use chromiumoxide::cdp::browser_protocol::emulation::SetDeviceMetricsOverrideParams;
+use chromiumoxide::cdp::browser_protocol::emulation::{
+    MediaFeature, SetDeviceMetricsOverrideParams,
+};
 use chromiumoxide::cdp::browser_protocol::network::EventRequestWillBeSent;
 use chromiumoxide::page::ScreenshotParams;
 use chromiumoxide::Page;
@@ -259,6 +262,23 @@ async fn a_visit_from_key_to_remix_again() {
         eval::<String>(&page, "localStorage.getItem('remixd.apiKey')").await,
         key
     );
+
+    // A URL that cannot be fetched: the upload's error shows next to its image.
+    type_into(&page, "#url-image_url", img.url("missing.png")).await;
+    press(&page, "#url-image_url", "Tab").await;
+    until(
+        &page,
+        "document.getElementById('err-image_url').textContent.includes('404')",
+    )
+    .await;
+    assert!(
+        text(&page, "#err-image_url")
+            .await
+            .starts_with(&img.url("missing.png")),
+        "{}",
+        text(&page, "#err-image_url").await
+    );
+    run(&page, "document.getElementById('url-image_url').value = ''").await;
 
     // The three kinds of image, and a style image, uploaded as they are chosen; the
     // previews show this server's URLs.
@@ -508,6 +528,24 @@ async fn a_visit_from_key_to_remix_again() {
         "",
         "the old error is gone"
     );
+    assert_eq!(
+        eval::<String>(&page, "document.getElementById('url-image_urls').value").await,
+        "",
+        "the form holds the task's inputs only"
+    );
+
+    // Dark, by the system's setting.
+    page.emulate_media_features(vec![MediaFeature {
+        name: "prefers-color-scheme".into(),
+        value: "dark".into(),
+    }])
+    .await
+    .unwrap();
+    assert_eq!(
+        eval::<String>(&page, "getComputedStyle(document.body).backgroundColor").await,
+        "rgb(20, 20, 19)"
+    );
+    screenshot(&page, "desktop-dark").await;
 
     // Phone width: the same page, nothing wider than the screen.
     phone_width(&page).await;
