@@ -299,17 +299,27 @@ function showRecord(rec) {
   try { param = JSON.parse(rec.param || "{}"); } catch (_) { /* shown without inputs */ }
   const input = param.input || {};
   const inputUrls = [input.image_url].concat(input.reference_image_urls || []).filter(Boolean);
-  $("inputs").replaceChildren(...inputUrls.map((u, i) => figure(u, i === 0 ? "Base image" : "Character reference", null)));
+  $("inputs").replaceChildren(...inputUrls.map((u, i) => figure(u, i === 0 ? "Base image" : "Character reference", null, false)));
   let result = {};
   try { result = JSON.parse(rec.resultJson || "{}"); } catch (_) { /* no results */ }
   const size = config && config.sizes.find((s) => s.name === input.image_size);
   $("results").replaceChildren(...(result.resultUrls || []).map((u, i) =>
-    figure(u, `Result ${i + 1}`, size)));
+    figure(u, `Result ${i + 1}`, size, true)));
   $("remix-again").hidden = !input.image_url;
 }
 
-function figure(url, caption, size) {
+/** A figure of one image; `result`: this server's output (its own or its bucket's URL),
+ *  shown at its size with a download link. */
+function figure(url, caption, size, result) {
   const fig = document.createElement("figure");
+  if (!result && !isOwnFile(url)) {
+    // Another server's image is never loaded by this page: only named.
+    const cap = document.createElement("figcaption");
+    cap.className = "foreign";
+    cap.textContent = `${caption}: another server's image, not shown (${url})`;
+    fig.append(cap);
+    return fig;
+  }
   const img = document.createElement("img");
   img.src = url;
   img.alt = caption;
@@ -320,7 +330,7 @@ function figure(url, caption, size) {
   }
   const cap = document.createElement("figcaption");
   cap.textContent = caption;
-  if (size) {
+  if (result) {
     const a = document.createElement("a");
     a.href = url;
     a.download = `${caption.replace(/\s+/g, "-").toLowerCase()}.png`;

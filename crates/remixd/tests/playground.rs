@@ -534,6 +534,35 @@ async fn a_visit_from_key_to_remix_again() {
         "the form holds the task's inputs only"
     );
 
+    // A task a client made with another server's images: opened from the history, its
+    // inputs are named, not loaded (the policy would refuse them anyway).
+    let foreign = srv
+        .api
+        .create_ok(&img.sample_task(serde_json::json!({"image_size": "square"})))
+        .await;
+    srv.api.wait_done(&foreign, WAIT).await;
+    click(&page, "#refresh-history").await;
+    until(
+        &page,
+        &format!("document.querySelector('#history li button').getAttribute('aria-label') === 'Open task {foreign}'"),
+    )
+    .await;
+    click(&page, "#history li button").await;
+    until(
+        &page,
+        "document.querySelectorAll('#inputs figcaption.foreign').length === 2",
+    )
+    .await;
+    assert_eq!(
+        eval::<usize>(&page, "document.querySelectorAll('#inputs img').length").await,
+        0
+    );
+    until(
+        &page,
+        "document.querySelectorAll('#results img').length === 1",
+    )
+    .await;
+
     // Dark, by the system's setting.
     page.emulate_media_features(vec![MediaFeature {
         name: "prefers-color-scheme".into(),
