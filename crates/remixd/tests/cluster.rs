@@ -103,30 +103,6 @@ async fn start(config: &Path, role: &str, port: u16) -> Node {
     Node { child, base }
 }
 
-async fn wait_all_done(api: &Api, ids: &[String], within: Duration) -> Vec<Value> {
-    let deadline = Instant::now() + within;
-    loop {
-        let mut all = Vec::new();
-        for id in ids {
-            let a = api.record(id).await;
-            assert_eq!(a.code(), 200, "task {id} must exist: {:?}", a.body);
-            all.push(a.body["data"].clone());
-        }
-        if all
-            .iter()
-            .all(|d| d["state"] == "success" || d["state"] == "fail")
-        {
-            return all;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "tasks stuck: {:?}",
-            all.iter().map(|d| d["state"].clone()).collect::<Vec<_>>()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_api_nodes_and_two_workers_share_one_database() {
     let db = remixd_testkit::postgres::fresh_schema("cluster").await;
@@ -227,7 +203,7 @@ async fn two_api_nodes_and_two_workers_share_one_database() {
     ids.push(followed);
 
     // Every task ends; the ones w1 held were taken over after its lease and succeeded.
-    let done = wait_all_done(&a2, &ids, Duration::from_secs(120)).await;
+    let done = common::wait_all_done(&a2, &ids, Duration::from_secs(120)).await;
     assert!(
         done.iter().all(|d| d["state"] == "success"),
         "{:?}",

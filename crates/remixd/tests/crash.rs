@@ -49,16 +49,6 @@ fn spawn(config: &Path) -> Child {
         .expect("start remixd")
 }
 
-async fn states(api: &Api, ids: &[String]) -> Vec<Value> {
-    let mut out = Vec::new();
-    for id in ids {
-        let a = api.record(id).await;
-        assert_eq!(a.code(), 200, "accepted task {id} must exist: {:?}", a.body);
-        out.push(a.body["data"].clone());
-    }
-    out
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigkill_at_any_moment_loses_no_task_and_no_credit() {
     let dir = tempfile::tempdir().unwrap();
@@ -140,22 +130,7 @@ async fn sigkill_at_any_moment_loses_no_task_and_no_credit() {
     }
 
     // After the last restart every accepted task reaches a terminal state.
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let done = loop {
-        let all = states(&api, &accepted).await;
-        if all
-            .iter()
-            .all(|d| d["state"] == "success" || d["state"] == "fail")
-        {
-            break all;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "tasks stuck: {:?}",
-            all.iter().map(|d| d["state"].clone()).collect::<Vec<_>>()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let done = common::wait_all_done(&api, &accepted, Duration::from_secs(120)).await;
     // Credits from the database itself: a task accepted just before a kill whose
     // answer never arrived is charged too, and must be counted.
     let settings = remixd::Settings::load(Some(&config)).unwrap();
@@ -222,7 +197,7 @@ async fn sigterm_drains_and_exits_cleanly() {
     }
     // Wait until something is generating, then ask politely.
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !states(&api, &ids)
+    while !common::records(&api, &ids)
         .await
         .iter()
         .any(|d| d["state"] == "generating")

@@ -159,3 +159,34 @@ pub fn signal(child: &std::process::Child, sig: &str) {
         .success();
     assert!(ok, "kill {sig}");
 }
+
+/// The recordInfo objects of `ids`; every one must exist (an accepted task is never lost).
+pub async fn records(api: &Api, ids: &[String]) -> Vec<serde_json::Value> {
+    let mut out = Vec::new();
+    for id in ids {
+        let a = api.record(id).await;
+        assert_eq!(a.code(), 200, "accepted task {id} must exist: {:?}", a.body);
+        out.push(a.body["data"].clone());
+    }
+    out
+}
+
+/// Waits until every task of `ids` is `success` or `fail`; their records.
+pub async fn wait_all_done(api: &Api, ids: &[String], within: Duration) -> Vec<serde_json::Value> {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let all = records(api, ids).await;
+        if all
+            .iter()
+            .all(|d| d["state"] == "success" || d["state"] == "fail")
+        {
+            return all;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "tasks stuck: {:?}",
+            all.iter().map(|d| d["state"].clone()).collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
