@@ -1,5 +1,5 @@
 # Sourced (not run) by scripts/test.sh: the headless Chromium the playground's browser
-# tests drive (crates/remixd/tests/playground.rs). Installs Debian's `chromium` package
+# tests drive (crates/remixd/tests/integration/playground.rs). Installs Debian's `chromium` package
 # when no Chromium is found and REMIXD_TEST_CHROMIUM names none.
 
 chromium_ensure() {

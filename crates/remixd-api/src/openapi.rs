@@ -6,7 +6,7 @@
 //! are parsed by hand ([`crate::validate`], [`crate::uploads`]) so that messages name the
 //! field the way the contract does; the body types below only describe them.
 //!
-//! The integration test `crates/remixd/tests/openapi.rs` checks that every route is
+//! The integration test `crates/remixd/tests/integration/openapi.rs` checks that every route is
 //! documented and every documented operation is routed; `scripts/schemathesis.sh` checks
 //! the running server's answers against the document.
 

@@ -1,0 +1,28 @@
+//! Every integration test of this crate, in one test binary.
+//!
+//! Each test binary links the whole dependency tree (about 250 MB each with the
+//! server's); one binary per file made a clean build link dozens of them and fill the
+//! disk. nextest still runs every test in its own process, so the files stay as
+//! independent as they were: each module is one former test file.
+
+mod api;
+mod callbacks;
+mod cli;
+mod cluster;
+mod common;
+mod concurrency;
+mod crash;
+mod extensions;
+mod full_disk;
+mod images;
+mod inputs;
+mod local_engine;
+mod metrics;
+mod openapi;
+mod playground;
+mod retention;
+mod serving;
+mod store_copy;
+mod submit;
+mod uploads;
+mod upstream;
