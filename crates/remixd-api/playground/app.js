@@ -55,9 +55,12 @@ function setStatus(field, text) {
 function showChosen(field) {
   const s = slot(field);
   const urls = chosen[field];
+  const drop = s.querySelector(".drop");
+  drop.querySelectorAll(":scope > .foreign").forEach((e) => e.remove());
   if (s.classList.contains("multi")) {
     const thumbs = s.querySelector(".thumbs");
     thumbs.replaceChildren(...urls.map((u, i) => {
+      if (!isOwnFile(u)) return foreignName("span", `Style image ${i + 1}`, u);
       const img = document.createElement("img");
       img.src = u;
       img.alt = `Style image ${i + 1}`;
@@ -66,15 +69,28 @@ function showChosen(field) {
     }));
   } else {
     const img = s.querySelector(".preview");
-    img.hidden = urls.length === 0;
-    if (urls.length) {
+    const own = urls.length > 0 && isOwnFile(urls[0]);
+    const label = s.querySelector("legend").firstChild.textContent.trim();
+    img.hidden = !own;
+    if (own) {
       img.src = urls[0];
-      img.alt = `${s.querySelector("legend").firstChild.textContent.trim()} preview`;
+      img.alt = `${label} preview`;
     } else {
       img.removeAttribute("src");
+      if (urls.length) drop.prepend(foreignName("span", label, urls[0]));
     }
   }
   s.querySelector(".drop-hint").hidden = urls.length > 0;
+  refreshCurl();
+}
+
+// Another server's image (an input of a task a client made through the API) is never
+// loaded by this page, whose policy allows only this server's images: it is named.
+function foreignName(tag, label, url) {
+  const e = document.createElement(tag);
+  e.className = "foreign";
+  e.textContent = `${label}: another server's image, not shown (${url})`;
+  return e;
 }
 
 function isOwnFile(url) {
@@ -245,6 +261,12 @@ function curlCommand() {
   ].join(" \\\n");
 }
 
+// Once shown, the command follows the form: it is always the request "Remix" would send.
+function refreshCurl() {
+  const pre = $("curl");
+  if (!pre.hidden) pre.textContent = curlCommand();
+}
+
 async function copyCurl() {
   const cmd = curlCommand();
   const pre = $("curl");
@@ -313,11 +335,7 @@ function showRecord(rec) {
 function figure(url, caption, size, result) {
   const fig = document.createElement("figure");
   if (!result && !isOwnFile(url)) {
-    // Another server's image is never loaded by this page: only named.
-    const cap = document.createElement("figcaption");
-    cap.className = "foreign";
-    cap.textContent = `${caption}: another server's image, not shown (${url})`;
-    fig.append(cap);
+    fig.append(foreignName("figcaption", caption, url));
     return fig;
   }
   const img = document.createElement("img");
@@ -402,6 +420,7 @@ function remixAgain(rec) {
   $("expand_prompt").checked = input.expand_prompt !== false;
   updateCounts();
   updateCost();
+  refreshCurl();
   $("prompt").focus();
 }
 
@@ -492,7 +511,10 @@ async function start() {
     const r = new Uint32Array(1);
     crypto.getRandomValues(r);
     $("seed").value = r[0] % 2147483648;
+    refreshCurl();
   });
+  $("remix").addEventListener("input", refreshCurl);
+  $("remix").addEventListener("change", refreshCurl);
   FIELDS.forEach((f) => {
     const el = $(f);
     if (el) el.addEventListener("input", () => clearError(f));

@@ -31,7 +31,7 @@ use chromiumoxide::page::ScreenshotParams;
 use chromiumoxide::Page;
 use common::TestServer;
 use futures::StreamExt;
-use remixd_testkit::samples;
+use remixd_testkit::{samples, task_body};
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -562,6 +562,71 @@ async fn a_visit_from_key_to_remix_again() {
         "document.querySelectorAll('#results img').length === 1",
     )
     .await;
+
+    // An accepted task that fails: one a client made with a base image that is gone.
+    // Opened, it shows why; remixed again from the page, the new task fails the same
+    // way after it was accepted, and its failMsg shows next to the base image.
+    let failed = srv
+        .api
+        .create_ok(&task_body(
+            &img.url("missing.png"),
+            &img.url("astronaut.webp"),
+            serde_json::json!({"image_size": "square"}),
+        ))
+        .await;
+    let record = srv.api.wait_done(&failed, WAIT).await;
+    assert_eq!(record["state"], "fail", "{record}");
+    let fail_msg = record["failMsg"].as_str().unwrap().to_string();
+    assert!(fail_msg.starts_with("input.image_url"), "{fail_msg}");
+    click(&page, "#refresh-history").await;
+    until(
+        &page,
+        &format!("document.querySelector('#history li button').getAttribute('aria-label') === 'Open task {failed}'"),
+    )
+    .await;
+    click(&page, "#history li button").await;
+    until(
+        &page,
+        "document.getElementById('state').textContent.startsWith('Failed')",
+    )
+    .await;
+    assert_eq!(text(&page, "#state").await, format!("Failed: {fail_msg}"));
+    press(&page, "#remix-again", "Enter").await;
+    // The form names the other server's images instead of loading them.
+    let named = text(&page, "#slot-image_url .drop .foreign").await;
+    assert!(
+        named.ends_with(&format!("({})", img.url("missing.png"))),
+        "{named}"
+    );
+    assert!(
+        eval::<bool>(
+            &page,
+            "document.querySelector('#slot-image_url .preview').hidden \
+             && !document.querySelector('#slot-image_url .preview').hasAttribute('src')"
+        )
+        .await
+    );
+    // The curl command shown earlier follows the form.
+    let curl = text(&page, "#curl").await;
+    assert!(curl.contains(&img.url("missing.png")), "{curl}");
+    click(&page, "#submit").await;
+    until(
+        &page,
+        "document.getElementById('err-image_url').textContent !== ''",
+    )
+    .await;
+    assert_eq!(text(&page, "#err-image_url").await, fail_msg);
+    let shown = text(&page, "#task-id").await;
+    let again = shown
+        .strip_prefix("Task ")
+        .expect("the page names its task");
+    assert_ne!(again, failed, "a new task was accepted");
+    let record = srv.api.wait_done(again, WAIT).await;
+    assert_eq!(
+        (record["state"].as_str(), record["failMsg"].as_str()),
+        (Some("fail"), Some(fail_msg.as_str()))
+    );
+    screenshot(&page, "desktop-failed").await;
 
     // Dark, by the system's setting.
     page.emulate_media_features(vec![MediaFeature {
