@@ -24,8 +24,10 @@ postgres_start
 # shellcheck source=scripts/chromium.sh
 source scripts/chromium.sh
 chromium_ensure
-if cargo nextest --version >/dev/null 2>&1; then
-  cargo nextest run --workspace --locked --no-fail-fast
-else
-  cargo test --workspace --locked --no-fail-fast
+# nextest runs every test in its own process, which the integration tests rely on:
+# they share one binary per crate, and the server's metrics recorder is process-wide.
+if ! cargo nextest --version >/dev/null 2>&1; then
+  echo "== installing cargo-nextest" >&2
+  cargo install --locked cargo-nextest
 fi
+cargo nextest run --workspace --locked --no-fail-fast
