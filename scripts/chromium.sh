@@ -1,6 +1,6 @@
 # Sourced (not run) by scripts/test.sh: the headless Chromium the playground's browser
-# tests drive (crates/remixd/tests/integration/playground.rs). Installs Debian's `chromium` package
-# when no Chromium is found and REMIXD_TEST_CHROMIUM names none.
+# tests drive (crates/remixd/tests/integration/playground.rs). Installs Debian's
+# `chromium` package when no Chromium is found and REMIXD_TEST_CHROMIUM names none.
 
 chromium_ensure() {
   if [[ -n "${REMIXD_TEST_CHROMIUM:-}" ]] || command -v chromium >/dev/null || command -v chromium-browser >/dev/null; then

@@ -9,8 +9,8 @@
 #   POST /api/v1/jobs/createTask  (its workers would download the generated image URLs)
 #   POST /api/file-url-upload     (the server downloads fileUrl)
 # Their generated URLs may name arbitrary public hosts, which remixd's address policy
-# allows. The Rust tests (crates/remixd/tests/integration/api.rs, uploads.rs) cover both against a
-# loopback image server. The one task this script creates itself (below, so that the task
+# allows. The Rust tests (crates/remixd/tests/integration/api.rs, uploads.rs) cover both
+# against a loopback image server. The one task this script creates itself (below, so that the task
 # endpoints are also tested on a real task) has an upload of this server as its inputs,
 # which the worker reads from storage, and no callBackUrl. The server runs with
 # `[fetch] allow = []`, so nothing here opens a connection off this machine.
