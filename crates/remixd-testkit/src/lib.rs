@@ -231,6 +231,14 @@ impl Answer {
     pub fn msg(&self) -> &str {
         self.body["msg"].as_str().unwrap_or("")
     }
+    /// The `Retry-After` header in seconds; panics when it is missing or not a number.
+    pub fn retry_after(&self) -> u64 {
+        let h = self
+            .headers
+            .get("retry-after")
+            .expect("a Retry-After header");
+        h.to_str().unwrap().parse().expect("Retry-After in seconds")
+    }
 }
 
 impl Api {

@@ -127,19 +127,7 @@ async fn two_api_nodes_and_two_workers_share_one_database() {
         .expect("the first node made the default key")
         .trim()
         .to_string();
-    let out = Command::new(env!("CARGO_BIN_EXE_remixd"))
-        .args([
-            "credits",
-            "add",
-            "--account",
-            "default",
-            "99000",
-            "--config",
-        ])
-        .arg(&cfg[1])
-        .output()
-        .unwrap();
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "100000");
+    assert_eq!(common::add_default_credits(&cfg[1], 99000), 100000);
     let api2 = start(&cfg[1], "api", ports[1]).await;
     assert!(
         !root.path().join("api2/default.key").exists(),

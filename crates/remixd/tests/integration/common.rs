@@ -140,6 +140,30 @@ pub fn use_bucket(s: &mut Settings, s3: &remixd_testkit::s3::S3Server, prefix: &
 }
 
 /// A loopback port free at the time of asking (for a process started with it).
+/// Adds `credits` to the default account with the operator's CLI (the real binary, on
+/// the database of `config`, whether or not a server runs on it); returns the balance
+/// it prints.
+pub fn add_default_credits(config: &std::path::Path, credits: i64) -> i64 {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_remixd"))
+        .args([
+            "credits",
+            "add",
+            "--account",
+            "default",
+            &credits.to_string(),
+            "--config",
+        ])
+        .arg(config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()

@@ -62,19 +62,7 @@ async fn sigkill_at_any_moment_loses_no_task_and_no_credit() {
     let api = common::ready_client(&base, dir.path()).await;
     // Enough credits that the bursts are never refused for money; the operator's CLI
     // writes to the same database while the server runs.
-    let out = Command::new(env!("CARGO_BIN_EXE_remixd"))
-        .args([
-            "credits",
-            "add",
-            "--account",
-            "default",
-            "99000",
-            "--config",
-        ])
-        .arg(&config)
-        .output()
-        .unwrap();
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "100000");
+    assert_eq!(common::add_default_credits(&config, 99000), 100000);
     let body = img.sample_task(json!({"num_images": 2, "rendering_speed": "TURBO"}));
 
     let mut accepted: Vec<String> = Vec::new();
